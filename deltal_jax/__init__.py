@@ -1,0 +1,1 @@
+"""deltal_jax: RLVR for language models in JAX/Flax, built around ΔL Normalization."""

@@ -1,0 +1,35 @@
+"""deltal_jax: RLVR for language models in JAX/Flax, built around ΔL Normalization."""
+
+from setuptools import find_packages, setup
+
+TEST = ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"]
+HF = ["safetensors>=0.4", "tokenizers>=0.19"]
+# Logit-parity tests against HF transformers. torch is pinned to the CPU build so a fresh
+# machine does not pull a multi-gigabyte CUDA wheel just to compare logits.
+PARITY = ["torch==2.13.0", "transformers>=4.45", *HF]
+VIZ = ["matplotlib>=3.8"]
+
+setup(
+    name="deltal_jax",
+    version="0.1.0",
+    description="Reinforcement learning with verifiable rewards in JAX/Flax: ΔL Normalization "
+    "and the loss aggregators, advantage estimators and KL configurations it is compared with.",
+    packages=find_packages(include=["deltal_jax", "deltal_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "ml_collections>=1.0",
+        "tensorflow-datasets>=4.9.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": TEST,
+        "hf": HF,
+        "parity": PARITY,
+        "viz": VIZ,
+    },
+)
