@@ -25,6 +25,7 @@ setup(
         "ml_collections>=1.0",
         "tensorflow-datasets>=4.9.8",
         "numpy>=1.26",
+        "sympy>=1.12",
     ],
     extras_require={
         "test": TEST,
