@@ -24,6 +24,9 @@ setup(
         "grain>=0.2.10",
         "ml_collections>=1.0",
         "tensorflow-datasets>=4.9.8",
+        # tfds imports it to locate builders defined inside a package (deltal_jax.data)
+        # but does not declare it for Python >= 3.9.
+        "importlib_resources>=5",
         "numpy>=1.26",
         "sympy>=1.12",
     ],
