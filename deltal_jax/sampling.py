@@ -1,0 +1,174 @@
+"""Autoregressive sampling: a jitted prefill, then a `lax.while_loop` of one-token decode
+steps over a preallocated KV cache, with static shapes throughout.
+
+Prompts [B, P] may be padded on either side (the mask says which slots are real); the
+response buffer has exactly M = `max_new_tokens` slots, so one compilation serves a whole
+run. The loop exits early once every row has produced an EOS.
+
+The returned log-probs are those of the distribution each token was actually drawn from
+(after temperature, top-k and top-p), i.e. the behaviour policy μ of the PPO ratio π/μ.
+Without top-k/top-p they equal `response_logprobs(..., temperature=τ)` of the same tokens,
+so the first update's ratio is 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deltal_jax import sharding
+from deltal_jax.models import Decoder, KVCache, attention_mask, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """max_new_tokens: M, the response buffer length. top_k=0 and top_p=1 disable those
+    filters. greedy takes the argmax (its reported log-prob is that of the tempered model
+    distribution, which is what an evaluation wants). eos_ids end a row; pad_id fills the
+    slots after it."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; must be ≥ 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}; must be > 0 (use greedy=True)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}; must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}; must be ≥ 0 (0 disables it)")
+
+
+class SampleOutput(NamedTuple):
+    """tokens [B, M] int32 (pad_id after the end); mask [B, M] bool, true on the response
+    including its EOS; lengths [B] int32 = mask.sum(-1); truncated [B] bool, true when no EOS
+    came within M tokens; logprobs [B, M] float32 log μ(y_t | ·), 0 outside the mask."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    truncated: jax.Array
+    logprobs: jax.Array
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """The log-probs [B, V] of the sampling distribution: softmax(z/τ) restricted to the top-k
+    tokens and to the smallest set whose probability reaches top_p, renormalised; removed
+    tokens get −inf."""
+    z = logits.astype(jnp.float32) / config.temperature
+    if config.top_k:
+        kth = jax.lax.top_k(z, config.top_k)[0][:, -1:]
+        z = jnp.where(z < kth, -jnp.inf, z)
+    if config.top_p < 1:
+        z_sorted = -jnp.sort(-z, axis=-1)
+        p_sorted = jax.nn.softmax(z_sorted, axis=-1)
+        mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+        # The smallest logit still kept: the last one whose preceding mass is below top_p.
+        threshold = jnp.min(jnp.where(mass_before < config.top_p, z_sorted, jnp.inf), axis=-1)
+        z = jnp.where(z < threshold[:, None], -jnp.inf, z)
+    return jax.nn.log_softmax(z, axis=-1)
+
+
+def sample_token(
+    logits: jax.Array, key: jax.Array, config: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row from logits [B, V] → (token [B] int32, log μ(token) [B])."""
+    logp = filter_logits(logits, config)
+    if config.greedy:
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        token = jax.random.categorical(key, logp, axis=-1)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def generate(
+    model: Decoder,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    config: SamplingConfig,
+) -> SampleOutput:
+    """Samples M = config.max_new_tokens tokens after each prompt [B, P].
+
+    Deterministic for a given key. Parameters may be sharded and the batch split over the
+    data axes: the computation follows its inputs' shardings (run under
+    `jax.set_mesh(mesh)` so the cache is annotated too).
+    """
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompt_tokens, prompt_mask.astype(bool), key, config)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig):
+    model = nnx.merge(graphdef, state)
+    b, p = prompt_tokens.shape
+    m = config.max_new_tokens
+    eos = jnp.asarray(config.eos_ids, jnp.int32)
+    is_eos = lambda t: jnp.isin(t, eos)
+
+    # Slots 0..P-1 hold the prompt, P..P+M-1 the response; every response slot is real.
+    key_valid = jnp.concatenate([prompt_mask, jnp.ones((b, m), bool)], axis=1)  # [B, S]
+    cache = KVCache.zeros(model.cfg, b, p + m)
+    cache = jax.tree.map(
+        lambda x: sharding.constrain(x, (None, "batch", None, "kv_heads", None)), cache
+    )
+
+    # Prefill: the whole prompt in one pass; the first token comes from the last real slot.
+    mask = attention_mask(jnp.arange(p), key_valid)
+    hidden, cache = model.hidden_states(
+        prompt_tokens, positions_from_mask(prompt_mask), mask, cache
+    )
+    last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)  # [B]
+    logits = model.unembed(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    token, logp = sample_token(logits, jax.random.fold_in(key, 0), config)
+
+    tokens = jnp.full((b, m), config.pad_id, jnp.int32).at[:, 0].set(token)
+    logps = jnp.zeros((b, m), jnp.float32).at[:, 0].set(logp)
+    prompt_len = prompt_mask.sum(axis=1).astype(jnp.int32)  # RoPE position of response token 0
+    init = (0, token, tokens, logps, is_eos(token), jnp.ones((b,), jnp.int32), cache)
+
+    def cond(carry):
+        i, _, _, _, done, _, _ = carry
+        return (i + 1 < m) & ~jnp.all(done)
+
+    def body(carry):
+        # Feed token i (slot P+i) and draw token i+1.
+        i, token, tokens, logps, done, lengths, cache = carry
+        slot = p + i
+        mask = attention_mask(jnp.full((1,), slot), key_valid)  # [B, 1, S]
+        hidden, cache = model.hidden_states(
+            token[:, None], (prompt_len + i)[:, None], mask, cache, slot
+        )
+        new, logp = sample_token(
+            model.unembed(hidden[:, 0]), jax.random.fold_in(key, i + 1), config
+        )
+        new = jnp.where(done, config.pad_id, new)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i + 1, axis=1)
+        logps = jax.lax.dynamic_update_slice_in_dim(
+            logps, jnp.where(done, 0.0, logp)[:, None], i + 1, axis=1
+        )
+        lengths = lengths + ~done
+        return i + 1, new, tokens, logps, done | is_eos(new), lengths, cache
+
+    _, _, tokens, logps, done, lengths, _ = jax.lax.while_loop(cond, body, init)
+    response_mask = jnp.arange(m)[None, :] < lengths[:, None]
+    return SampleOutput(
+        tokens=tokens,
+        mask=response_mask,
+        lengths=lengths,
+        truncated=~done,
+        logprobs=jnp.where(response_mask, logps, 0.0),
+    )
