@@ -176,10 +176,11 @@ def math_jsonl_builder(
     *,
     paths: Mapping[str, str] | None = None,
     manual_dir: str | os.PathLike | None = None,
-    name: str = "manual",
+    name: str = "local",
 ) -> DeltalMathJsonl:
     """A prepared JSONL math builder, from explicit `paths` or `<split>.jsonl` in
-    `manual_dir`. `name` keys the cache: use a new one for different files."""
+    `manual_dir`. `name` keys the cache: use a new one for different files (the class's
+    own config "manual" serves `tfds.builder("deltal_math_jsonl/manual")`)."""
     config = MathJsonlConfig(name=name, paths=dict(paths) if paths else None)
     builder = DeltalMathJsonl(config=config, data_dir=str(data_dir), file_format=FILE_FORMAT)
     return build(builder, manual_dir)
