@@ -218,6 +218,8 @@ class _Parser:
         base = self._atom(depth)
         if self._peek() != "^":
             return base
+        if depth > MAX_DEPTH:  # `2^2^2^…` recurses here without passing through _sum.
+            raise LatexError(f"nested deeper than {MAX_DEPTH}")
         self.pos += 1
         return _checked_power(base, self._signed(depth + 1))
 

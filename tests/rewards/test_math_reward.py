@@ -117,6 +117,7 @@ def test_parser_builds_expected_sympy_objects():
         ("(2^{999})^{999}", "bits"),
         ("{" * 100_000 + "1" + "}" * 100_000, "longer than"),
         ("{" * 60 + "1" + "}" * 60, "nested deeper"),
+        ("1^" * 400 + "1", "nested deeper"),
         ("٣", "unsupported token"),
         ("３", "unsupported token"),
         (r"\input{/etc/passwd}", "unsupported token"),
