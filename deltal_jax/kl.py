@@ -42,8 +42,8 @@ STATUS = {
     ("k1", "loss", True): "biased: ρ·k1 gives the token-level reverse KL gradient; misses "
     "credit from later tokens",
     ("k2", "loss", True): "biased: ρ·k2 is not value-unbiased; token-level only",
-    ("k3", "loss", True): "biased for the sequence KL: ρ·k3 (DeepSeek-V3.2 'unbiased KL') "
-    "is the token-level reverse KL, unbiased per token off-policy",
+    ("k3", "loss", True): "biased: token-level reverse KL; ρ·k3 (DeepSeek-V3.2's 'unbiased "
+    "KL') is unbiased per token off-policy, not for the sequence KL",
     ("k1", "both", False): "unbiased (same estimator and β in reward and loss)",
     ("k2", "both", False): "biased: k2 is not value-unbiased",
     ("k3", "both", False): "unbiased (same estimator and β in reward and loss)",

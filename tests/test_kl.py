@@ -43,7 +43,7 @@ def test_clamps_keep_extreme_log_ratios_finite():
     for name in kl.ESTIMATORS:
         assert np.all(np.isfinite(kl.kl_per_token(logp, ref, name)))
     np.testing.assert_allclose(kl.kl_per_token(logp, ref, "k1"), [[20.0, -20.0]])
-    np.testing.assert_allclose(kl.kl_per_token(logp, ref, "k3"), [[19.0, 10.0]], rtol=1e-6)
+    np.testing.assert_allclose(kl.kl_per_token(logp, ref, "k3"), [[10.0, 10.0]])  # 19 and e^20
 
 
 def test_reward_penalty_sums_masked_tokens_without_gradient():
