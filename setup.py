@@ -29,6 +29,8 @@ setup(
         "importlib_resources>=5",
         "numpy>=1.26",
         "sympy>=1.12",
+        # metrics.plot_curves writes the run's learning curves as a PNG.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": TEST,
