@@ -78,7 +78,11 @@ def make_mesh(
     if dcn_shape is None:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
-        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices)
+        # TPU devices know their slice; on GPU hosts each process is one DCN granule.
+        by_process = not hasattr(devices[0], "slice_index")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            shape, dcn, devices, process_is_granule=by_process
+        )
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
