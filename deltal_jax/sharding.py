@@ -29,16 +29,18 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 
-# Stacked layer parameters carry a leading [L] axis, hence the `None` first.
+# Patterns are searched in the full path, so optimiser state (`mu/layers/.../kernel`) is
+# sharded like the parameter it belongs to. Stacked layer parameters carry a leading [L]
+# axis, hence the `None` first.
 PARAM_RULES: tuple[tuple[str, P], ...] = (
-    (r"^embed/embedding$", P("tensor", "fsdp")),  # [V, D]
-    (r"^lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
-    (r"^layers/attn/[qkv]_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, n·Dh]
-    (r"^layers/attn/[qkv]_proj/bias$", P(None, "tensor")),  # [L, n·Dh]
-    (r"^layers/attn/o_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, H·Dh, D]
-    (r"^layers/mlp/(gate|up)_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, F]
-    (r"^layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, F, D]
-    (r".*", P()),  # norms: small, replicated
+    (r"embed/embedding$", P("tensor", "fsdp")),  # [V, D]
+    (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
+    (r"layers/attn/[qkv]_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, n·Dh]
+    (r"layers/attn/[qkv]_proj/bias$", P(None, "tensor")),  # [L, n·Dh]
+    (r"layers/attn/o_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, H·Dh, D]
+    (r"layers/mlp/(gate|up)_proj/kernel$", P(None, "fsdp", "tensor")),  # [L, D, F]
+    (r"layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),  # [L, F, D]
+    (r".*", P()),  # norms, step counters: small, replicated
 )
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -107,10 +109,11 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """A NamedSharding for every array in an NNX state (concrete or abstract)."""
+def param_shardings(tree, mesh: Mesh):
+    """A NamedSharding for every array (or ShapeDtypeStruct) of a pytree: an NNX state, or
+    an optax state holding per-parameter statistics, named by their dict keys."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(_path_str(path), x.shape, mesh)), state
+        lambda path, x: NamedSharding(mesh, param_spec(_path_str(path), np.shape(x), mesh)), tree
     )
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -86,3 +87,66 @@ def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(ValueError, match="does not use"):
         sharding.make_mesh((3, 1, 1))
+
+
+def _per_device_bytes(cfg, mesh_shape, batch=8, prompt_len=256, response_len=1024) -> int:
+    """XLA's per-device memory for one AdamW policy-gradient step of `cfg`, compiled ahead
+    of time from abstract inputs (nothing of the model's size is allocated)."""
+    mesh = sharding.make_mesh(mesh_shape)
+    tx = optax.adamw(1e-6)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)
+    opt_state = jax.eval_shape(tx.init, params)
+    abstract = lambda tree: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        tree,
+        sharding.param_shardings(tree, mesh),
+    )
+    tokens = lambda t: jax.ShapeDtypeStruct(
+        (batch, t), jnp.int32, sharding=sharding.batch_sharding(mesh)
+    )
+    masks = lambda t: jax.ShapeDtypeStruct((batch, t), bool, sharding=sharding.batch_sharding(mesh))
+    adv = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=sharding.batch_sharding(mesh, 1))
+
+    def step(params, opt_state, prompt, prompt_mask, response, response_mask, advantages):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            logp = response_logprobs(model, prompt, prompt_mask, response, response_mask).logp
+            return -jnp.sum(advantages[:, None] * logp) / jnp.sum(response_mask)
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    with jax.set_mesh(mesh):
+        compiled = (
+            jax.jit(step, donate_argnums=(0, 1))
+            .lower(
+                abstract(params),
+                abstract(opt_state),
+                tokens(prompt_len),
+                masks(prompt_len),
+                tokens(response_len),
+                masks(response_len),
+                adv,
+            )
+            .compile()
+        )
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+@pytest.mark.slow  # three ahead-of-time compiles of a 36-layer model: ~30 s
+def test_aot_per_device_memory_of_qwen2_5_3b_falls_as_fsdp_grows():
+    cfg = get_preset("qwen2.5-3b", dtype="bfloat16", remat=True)
+    gib = {f: _per_device_bytes(cfg, (8 // f, f, 1)) / 2**30 for f in (1, 2, 8)}
+    assert gib[1] > gib[2] > gib[8]
+    # Unsharded, the float32 parameters and both Adam moments alone take 12 bytes per
+    # parameter (34.5 GiB); with fsdp=8 every device holds an eighth of them.
+    params_gib = cfg.num_params() / 2**30
+    assert gib[1] > 12 * params_gib
+    assert gib[8] < gib[1] / 4
