@@ -31,7 +31,6 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -259,7 +258,7 @@ class PreemptionFlag:
         self.uninstall()
 
 
-def install_preemption_handler() -> Callable[[], bool]:
+def install_preemption_handler() -> PreemptionFlag:
     """Turns SIGTERM (how Cloud TPU and most schedulers preempt) into a flag.
 
     Returns a `PreemptionFlag`: call it each step and, when True, save and exit. Use it
