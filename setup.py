@@ -29,9 +29,13 @@ setup(
         "importlib_resources>=5",
         "numpy>=1.26",
         "sympy>=1.12",
+        # HF checkpoint layout: the default run's tiny model is stored and loaded this way.
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
         # metrics.plot_curves writes the run's learning curves as a PNG.
         "matplotlib>=3.8",
     ],
+    entry_points={"console_scripts": ["deltal-train = deltal_jax.main:run"]},
     extras_require={
         "test": TEST,
         "hf": HF,

@@ -23,12 +23,13 @@ from deltal_jax.data.templates import (
     ChatTemplateFn,
     base_prompt,
     chat_prompt,
+    compact_countdown_prompt,
     countdown_problem,
     math_problem,
 )
 
 TRUNCATIONS = ("left", "error")
-TEMPLATES = ("base", "chat")
+TEMPLATES = ("base", "chat", "compact")
 
 
 class PromptTask(NamedTuple):
@@ -111,6 +112,10 @@ def render_prompt(
     apply_chat_template: ChatTemplateFn | None = None,
 ) -> str:
     """The prompt text of a decoded record in the base or chat template."""
+    if template == "compact":
+        if "numbers" not in record:
+            raise ValueError("template='compact' is only defined for Countdown records")
+        return compact_countdown_prompt(record["numbers"], record["target"])
     problem = task.problem(record)
     if template == "chat":
         return chat_prompt(problem, apply_chat_template)

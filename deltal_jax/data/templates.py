@@ -34,6 +34,12 @@ def countdown_problem(numbers: Sequence[int], target: int) -> str:
     )
 
 
+def compact_countdown_prompt(numbers: Sequence[int], target: int) -> str:
+    """A terse Countdown prompt for the tiny character-level model of the CPU run:
+    `3 7 12=22:`, answered with `<answer>(7+12)-3</answer>`."""
+    return " ".join(str(int(n)) for n in numbers) + f"={int(target)}:"
+
+
 def math_problem(question: str) -> str:
     """The user turn of a math question, asking for a `\\boxed{}` final answer."""
     return (

@@ -1,0 +1,566 @@
+"""The RLVR training loop, top to bottom.
+
+One step (DESIGN.md):
+
+  prompts (grain) → sample G responses each with the behaviour policy
+  → verifiable rewards (+ overlong shaping, KL-in-reward) → advantages
+  → aggregation coefficients c_i over the whole rollout batch, computed once
+  → epochs × mini-batches of jitted updates, each a scan over micro-batches
+  → metrics, evaluation every k steps, checkpoint every k steps.
+
+Everything in `update_step` is a pure function of (params, optimiser state, batch) under
+`jax.jit`; shapes are static (prompts padded to `max_prompt_len`, responses to M), so one
+compilation serves the whole run. `train(config, workdir)` is importable, so the same
+code runs from the CLI (`deltal_jax.main`), a notebook or a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deltal_jax import advantages as adv_lib
+from deltal_jax import aggregation as agg
+from deltal_jax import checkpointing, metrics, sampling, sharding, warmup
+from deltal_jax import config as config_lib
+from deltal_jax import kl as kl_lib
+from deltal_jax.data import CountdownSpec, generate_split, get_task, pad_prompt, prompt_dataset
+from deltal_jax.data import pipeline as data_pipeline
+from deltal_jax.data.builders import read_math_jsonl
+from deltal_jax.models import get_preset, load_model, load_tokenizer, response_logprobs
+from deltal_jax.policy_loss import clipped_surrogate, entropy_bonus
+from deltal_jax.rewards import RewardPool, count_reasons, score_batch
+
+# --------------------------------------------------------------------------------------
+# Data sources.
+# --------------------------------------------------------------------------------------
+
+
+def load_records(config: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records: generated Countdown, or local JSONL math problems."""
+    d = config.data
+    if d.task == "countdown":
+        spec = CountdownSpec(
+            num_numbers=tuple(d.num_numbers),
+            max_number=d.max_number,
+            max_target=d.max_target,
+            test_fraction=d.test_fraction,
+        )
+        train = generate_split("train", d.num_train, config.seed, spec)
+        held_out = generate_split("test", d.num_eval, config.seed + 1, spec)
+        return train, held_out
+    train = read_math_jsonl(d.jsonl_train)
+    held_out = read_math_jsonl(d.jsonl_test or d.jsonl_train)[: d.num_eval]
+    return train, held_out
+
+
+def prepare_policy_dir(config, workdir: str, train_records: list[dict]) -> str:
+    """The HF-layout directory the policy loads from: a given checkpoint, the tiny
+    warmed-up model the default run builds (once) in <workdir>/warmup, or a preset with
+    random weights (<workdir>/init)."""
+    if config.model.hf_dir:
+        return config.model.hf_dir
+    if config.model.preset != warmup.TINY_PRESET:
+        return warmup.build_random_model(
+            os.path.join(workdir, "init"), get_preset(config.model.preset), seed=config.seed
+        )
+    task = get_task(config.data.task)
+    return warmup.build_warm_model(
+        os.path.join(workdir, "warmup"),
+        train_records[: config.warmup.num_examples],
+        lambda r: data_pipeline.render_prompt(task, r, config.data.template),
+        steps=config.warmup.steps,
+        batch_size=config.warmup.batch_size,
+        learning_rate=config.warmup.learning_rate,
+        seed=config.seed,
+        max_prompt_len=config.rollout.max_prompt_len,
+        max_response_len=config.rollout.max_response_len,
+    )
+
+
+def make_lr(config) -> optax.Schedule:
+    """Linear warm-up (optional), then constant, cosine or linear decay to 0."""
+    o = config.optim
+    base = {
+        "constant": lambda: optax.constant_schedule(o.learning_rate),
+        "cosine": lambda: optax.cosine_decay_schedule(o.learning_rate, config.total_steps),
+        "linear": lambda: optax.linear_schedule(o.learning_rate, 0.0, config.total_steps),
+    }[o.schedule]()
+    if not o.warmup_steps:
+        return base
+    warm = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+    return optax.join_schedules([warm, base], [o.warmup_steps])
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay after global-norm gradient clipping."""
+    o = config.optim
+    chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+    chain.append(optax.adamw(make_lr(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    return optax.chain(*chain)
+
+
+# --------------------------------------------------------------------------------------
+# The update: loss of one micro-batch, a scan over micro-batches, one optimiser step.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The static (hashable) part of the loss configuration."""
+
+    temperature: float
+    variant: str
+    eps_low: float
+    eps_high: float
+    clip_ratio_c: float | None
+    entropy_coef: float
+    kl_beta: float
+    kl_estimator: str
+    kl_in_loss: bool
+    kl_off_policy: bool
+
+    @classmethod
+    def from_config(cls, config) -> LossSettings:
+        return cls(
+            temperature=config.rollout.temperature,
+            variant=config.loss.variant,
+            eps_low=config.loss.eps_low,
+            eps_high=config.loss.eps_high,
+            clip_ratio_c=config.loss.clip_ratio_c or None,
+            entropy_coef=config.loss.entropy_coef,
+            kl_beta=config.kl.beta,
+            kl_estimator=config.kl.estimator,
+            kl_in_loss=config.kl.beta > 0 and config.kl.placement in ("loss", "both"),
+            kl_off_policy=config.kl.off_policy_correction,
+        )
+
+
+def microbatch_loss(params, graphdef, mb: dict, s: LossSettings):
+    """Σ over this micro-batch of the global-coefficient-weighted terms (ALGORITHMS.md §0):
+    − Σ_i c_i Σ_t m·s  +  β Σ_i c^KL_i Σ_t m·k  −  coef Σ_i c^H_i Σ_t m·H.
+    Summing it over micro-batches gives the mini-batch loss exactly."""
+    model = nnx.merge(graphdef, params)
+    mask = mb["resp_mask"]
+    tl = response_logprobs(
+        model, mb["prompt_ids"], mb["prompt_mask"], mb["resp_ids"], mask, temperature=s.temperature
+    )
+    pg = clipped_surrogate(
+        tl.logp, mb["old_logp"], mb["advantages"], mask,
+        eps_low=s.eps_low, eps_high=s.eps_high, clip_ratio_c=s.clip_ratio_c, variant=s.variant,
+    )  # fmt: skip
+    pg_loss = agg.aggregate(pg.loss, mask, mb["coef"])
+    loss = pg_loss
+    aux = {"loss/policy": pg_loss}
+    if s.kl_in_loss:
+        per_token = kl_lib.loss_per_token(
+            tl.logp, mb["ref_logp"], estimator=s.kl_estimator, beta=s.kl_beta,
+            old_logp=mb["old_logp"] if s.kl_off_policy else None,
+        )  # fmt: skip
+        aux["loss/kl"] = agg.aggregate(per_token, mask, mb["aux_coef"])
+        loss += aux["loss/kl"]
+    if s.entropy_coef:
+        aux["loss/entropy"] = agg.aggregate(
+            entropy_bonus(tl.entropy, s.entropy_coef), mask, mb["aux_coef"]
+        )
+        loss += aux["loss/entropy"]
+    # Token-mean statistics, as sums here; `aux_coef` is 1/(tokens in the mini-batch).
+    token_mean = lambda x: agg.aggregate(x.astype(jnp.float32), mask, mb["aux_coef"])
+    aux.update({
+        "entropy": token_mean(tl.entropy),
+        "clip_frac/low": token_mean(pg.clipped_low),
+        "clip_frac/high": token_mean(pg.clipped_high),
+        "clip_frac/dual": token_mean(pg.dual_clipped),
+        "ratio/mean": token_mean(pg.ratio),
+    })  # fmt: skip
+    return loss, aux
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5), donate_argnums=(2, 3))
+def update_step(graphdef, tx, params, opt_state, minibatch: dict, settings: LossSettings):
+    """One optimiser step on a mini-batch laid out [K micro-batches, rows, ...].
+
+    Gradients are summed over micro-batches (the coefficients are global, so the sum is
+    the mini-batch gradient). A non-finite loss or gradient leaves params and optimiser
+    state unchanged; the caller counts it.
+    """
+    grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+
+    def accumulate(grads, mb):
+        (loss, aux), g = grad_fn(params, graphdef, mb, settings)
+        return jax.tree.map(jnp.add, grads, g), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, aux) = jax.lax.scan(accumulate, zeros, minibatch)
+    loss = jnp.sum(losses)
+    aux = jax.tree.map(jnp.sum, aux)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    stats = {**aux, "loss/total": loss, "grad_norm": grad_norm, "finite": finite}
+    return keep(new_params, params), keep(new_opt_state, opt_state), stats
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def sequence_logprobs(graphdef, params, prompt_ids, prompt_mask, resp_ids, resp_mask, temp):
+    """Teacher-forced log-probs [N, M] (the reference model's, for KL)."""
+    model = nnx.merge(graphdef, params)
+    return response_logprobs(
+        model, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature=temp
+    ).logp
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts and evaluation.
+# --------------------------------------------------------------------------------------
+
+
+def generate(graphdef, params, prompt_ids, prompt_mask, key, cfg, mesh):
+    """Samples responses on the mesh and returns them as host numpy arrays."""
+    batch = sharding.shard_batch({"ids": prompt_ids, "mask": prompt_mask}, mesh)
+    with jax.set_mesh(mesh):
+        out = sampling.generate(nnx.merge(graphdef, params), batch["ids"], batch["mask"], key, cfg)
+    return jax.tree.map(np.asarray, out)
+
+
+def decode(tokenizer, out: sampling.SampleOutput) -> list[str]:
+    return [tokenizer.decode(t[:n].tolist()) for t, n in zip(out.tokens, out.lengths, strict=True)]
+
+
+def evaluate(graphdef, params, eval_set, tokenizer, config, mesh, pool) -> dict[str, float]:
+    """Avg@k and Pass@k on the held-out prompts at the eval temperature, fixed seed."""
+    k = config.eval.num_samples
+    cfg = sampling.SamplingConfig(
+        max_new_tokens=config.rollout.max_response_len, temperature=config.eval.temperature,
+        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+    )  # fmt: skip
+    scores, lengths = [], []
+    for j in range(k):
+        key = jax.random.fold_in(jax.random.key(config.eval.seed), j)
+        out = generate(graphdef, params, eval_set["prompt_ids"], eval_set["prompt_mask"], key,
+                       cfg, mesh)  # fmt: skip
+        scored = score_batch(decode(tokenizer, out), eval_set["metas"], eval_set["verifier"],
+                             timeout_s=config.reward.timeout_s, pool=pool)  # fmt: skip
+        scores.append(scored.scores)
+        lengths.append(out.lengths)
+    correct = np.stack(scores) >= 1.0  # [k, n]
+    return {
+        "eval/accuracy": float(correct.mean()),  # Avg@k
+        f"eval/pass@{k}": float(correct.any(0).mean()),
+        "eval/response_length": float(np.mean(lengths)),
+    }
+
+
+def build_eval_set(records, tokenizer, config) -> dict[str, Any]:
+    task = get_task(config.data.task)
+    ids, masks = zip(
+        *(pad_prompt(tokenizer.encode(data_pipeline.render_prompt(task, r, config.data.template)),
+                     config.rollout.max_prompt_len, tokenizer.pad_id) for r in records),
+        strict=True,
+    )  # fmt: skip
+    n = len(records) - len(records) % max(jax.device_count(), 1)  # rows split over devices
+    return {
+        "prompt_ids": np.stack(ids)[:n],
+        "prompt_mask": np.stack(masks)[:n],
+        "metas": [task.reward_meta(r) for r in records[:n]],
+        "verifier": config.reward.verifier or task.verifier,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """Runs (or resumes) a training run in `workdir`; returns the last step's metrics."""
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    r_cfg, G, B = config.rollout, config.rollout.group_size, config.rollout.prompts_per_step
+    n_rows, M = B * G, config.rollout.max_response_len
+
+    # ---- Mesh --------------------------------------------------------------------------
+    mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = config.ppo.microbatch_size or n_rows // config.ppo.minibatches
+    # Mini-batches are laid out [K, micro, ...]; the micro-batch rows split over the data axes.
+    microbatch_sharding = NamedSharding(mesh, P(None, sharding.BATCH))
+    if micro % n_data:
+        raise config_lib.ConfigError(
+            f"config.ppo.microbatch_size={micro} rows must be divisible by the "
+            f"{n_data} data-parallel devices of mesh {dict(mesh.shape)}."
+        )
+
+    # ---- Data and policy -------------------------------------------------------------------
+    train_records, eval_records = load_records(config)
+    policy_dir = prepare_policy_dir(config, workdir, train_records)
+    tokenizer = load_tokenizer(policy_dir)
+    model, _ = load_model(
+        policy_dir, mesh=mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        remat=config.model.remat,
+    )  # fmt: skip
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(config)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    kl_on = config.kl.beta > 0
+    ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
+    task = get_task(config.data.task)
+    verifier = config.reward.verifier or task.verifier
+    dataset = prompt_dataset(
+        train_records, config.data.task, encode=tokenizer.encode, pad_id=tokenizer.pad_id,
+        max_prompt_len=r_cfg.max_prompt_len, batch_size=B, seed=config.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        template=config.data.template,
+    )  # fmt: skip
+    data_iter = iter(dataset)
+    eval_set = build_eval_set(eval_records, tokenizer, config)
+    sample_cfg = sampling.SamplingConfig(
+        max_new_tokens=M, temperature=r_cfg.temperature, top_k=r_cfg.top_k, top_p=r_cfg.top_p,
+        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+    )  # fmt: skip
+    settings = LossSettings.from_config(config)
+
+    # ---- Resume ----------------------------------------------------------------------------
+    state = {"params": params, "opt_state": opt_state, "rng": jax.random.key(config.seed)}
+    sync_every = config.rollout.sync_every
+    if sync_every != 1:  # semi-online / offline: the sampler keeps its own copy
+        state["behaviour"] = jax.tree.map(jnp.copy, params)
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+        save_every=config.checkpoint.every,
+    )  # fmt: skip
+    extra = {"step": 0, "nonfinite_updates": 0}
+    if ckpt.latest_step() is not None:
+        state, data_state, extra = ckpt.restore(state)
+        data_iter.set_state(data_state)
+        print(f"Resumed from step {extra['step']} in {workdir}")
+    start = extra["step"]
+    writer = metrics.MetricWriter(
+        workdir, tensorboard=config.logging.tensorboard, console=config.logging.console,
+        wandb_project=config.logging.wandb_project or None, total_steps=config.total_steps,
+        config=config.to_dict(),
+    )  # fmt: skip
+    preempted = checkpointing.install_preemption_handler()
+    pool = RewardPool(config.reward.num_workers)
+    if start == 0:
+        first = evaluate(graphdef, state["params"], eval_set, tokenizer, config, mesh, pool)
+        writer.write(0, first)
+
+    last: dict[str, float] = {}
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            t_step = time.perf_counter()
+            timings = dict.fromkeys(("sample", "reward", "reference", "update", "eval"), 0.0)
+            if sync_every > 1 and (step - 1) % sync_every == 0:
+                # A copy: the update donates (and so invalidates) the params' buffers.
+                state["behaviour"] = jax.tree.map(jnp.copy, state["params"])
+            behaviour = state.get("behaviour", state["params"])
+
+            # ---- Rollout: sample, score, (DAPO) keep informative groups ------------------------
+            groups: list[dict] = []
+            filler: list[dict] = []
+            rounds = 0
+            while len(groups) < B and rounds < (
+                r_cfg.max_sampling_rounds if r_cfg.dynamic_sampling else 1
+            ):
+                rounds += 1
+                batch = next(data_iter)
+                state["rng"], key = jax.random.split(state["rng"])
+                prompt_ids = np.repeat(batch["prompt_ids"], G, axis=0)
+                prompt_mask = np.repeat(batch["prompt_mask"], G, axis=0)
+                t0 = time.perf_counter()
+                out = generate(graphdef, behaviour, prompt_ids, prompt_mask, key,
+                               sample_cfg, mesh)  # fmt: skip
+                timings["sample"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                metas = [m for m in data_pipeline.reward_metas(batch) for _ in range(G)]
+                scored = score_batch(decode(tokenizer, out), metas, verifier,
+                                     timeout_s=config.reward.timeout_s, pool=pool)  # fmt: skip
+                timings["reward"] += time.perf_counter() - t0
+                rollout = {
+                    "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                    "resp_ids": out.tokens, "resp_mask": out.mask, "old_logp": out.logprobs,
+                    "lengths": out.lengths, "truncated": out.truncated, "score": scored.scores,
+                }  # fmt: skip
+                keep = (
+                    np.asarray(adv_lib.informative_groups(jnp.asarray(scored.scores), G))
+                    if r_cfg.dynamic_sampling
+                    else np.ones(B, bool)
+                )
+                for g in range(B):
+                    rows = {k: v[g * G : (g + 1) * G] for k, v in rollout.items()}
+                    (groups if keep[g] else filler).append(rows)
+            n_informative = min(len(groups), B)
+            groups = (groups + filler)[:B]
+            roll = {k: np.concatenate([g[k] for g in groups]) for k in groups[0]}
+
+            # ---- Rewards, KL, advantages, coefficients (global, once per step) -------------
+            rewards = roll["score"].astype(np.float32)
+            if config.reward.overlong_buffer:
+                rewards = rewards + np.asarray(adv_lib.soft_overlong_punishment(
+                    jnp.asarray(roll["lengths"]), max_response_len=M,
+                    cache_len=config.reward.overlong_buffer, factor=config.reward.overlong_factor,
+                ))  # fmt: skip
+            if kl_on:
+                t0 = time.perf_counter()
+                roll["ref_logp"] = np.asarray(sequence_logprobs(
+                    graphdef, ref_params, roll["prompt_ids"], roll["prompt_mask"],
+                    roll["resp_ids"], roll["resp_mask"], r_cfg.temperature,
+                ))  # fmt: skip
+                timings["reference"] = time.perf_counter() - t0
+                kl_tokens = kl_lib.kl_per_token(
+                    jnp.asarray(roll["old_logp"]), jnp.asarray(roll["ref_logp"]), "k1"
+                )
+                kl_value = float(np.sum(np.where(roll["resp_mask"], kl_tokens, 0)) / n_rows)
+                if config.kl.placement in ("reward", "both"):
+                    rewards = rewards - np.asarray(kl_lib.reward_penalty(
+                        roll["old_logp"], roll["ref_logp"], roll["resp_mask"],
+                        estimator=config.kl.estimator, beta=config.kl.beta,
+                    ))  # fmt: skip
+            advantages = np.asarray(adv_lib.compute(
+                config.advantage.estimator, jnp.asarray(rewards), G,
+                eps=config.advantage.eps, ddof=config.advantage.ddof,
+            ))  # fmt: skip
+            if config.reward.overlong_filter:
+                advantages = np.where(roll["truncated"], 0.0, advantages)
+            roll["advantages"] = advantages.astype(np.float32)
+            lengths = roll["resp_mask"].sum(-1).astype(np.float32)
+            n_mini = config.ppo.minibatches
+            k_micro = (n_rows // n_mini) // micro
+            # Global c_i over the rollout batch; one of P mini-batch steps scales by P.
+            roll["coef"] = n_mini * np.asarray(agg.response_coefficients(
+                jnp.asarray(lengths), mode=config.loss.aggregation, max_response_len=M,
+                alpha=config.loss.alpha, scope=config.loss.scope, group_size=G,
+                num_microbatches=n_mini * k_micro,
+            ))  # fmt: skip
+            roll["aux_coef"] = n_mini * np.asarray(agg.response_coefficients(
+                jnp.asarray(lengths), mode=config.kl.aggregation if kl_on else "token-mean",
+                max_response_len=M, num_microbatches=n_mini * k_micro,
+            ))  # fmt: skip
+
+            # ---- Update: epochs × mini-batches, each a scan over micro-batches -------------
+            t0 = time.perf_counter()
+            fields = ["prompt_ids", "prompt_mask", "resp_ids", "resp_mask", "old_logp",
+                      "advantages", "coef", "aux_coef"]  # fmt: skip
+            fields += ["ref_logp"] if kl_on else []
+            perm_rng = np.random.default_rng([config.seed, step])
+            update_stats = []
+            for _ in range(config.ppo.epochs):
+                order = perm_rng.permutation(n_rows) if n_mini > 1 else np.arange(n_rows)
+                for j in range(n_mini):
+                    rows = order[j * (n_rows // n_mini) : (j + 1) * (n_rows // n_mini)]
+                    mb = {f: roll[f][rows].reshape(k_micro, micro, *roll[f].shape[1:])
+                          for f in fields}  # fmt: skip
+                    mb = jax.device_put(mb, microbatch_sharding)
+                    with jax.set_mesh(mesh):
+                        state["params"], state["opt_state"], stats = update_step(
+                            graphdef, tx, state["params"], state["opt_state"], mb, settings
+                        )
+                    stats = jax.device_get(stats)
+                    if not stats["finite"]:
+                        extra["nonfinite_updates"] += 1
+                        print(f"step {step}: non-finite loss or gradient, update skipped "
+                              f"({extra['nonfinite_updates']} so far)")  # fmt: skip
+                    update_stats.append(stats)
+            timings["update"] = time.perf_counter() - t0
+            if extra["nonfinite_updates"] > config.ppo.max_nonfinite_updates:
+                raise FloatingPointError(
+                    f"{extra['nonfinite_updates']} updates had a non-finite loss or gradient "
+                    f"(limit config.ppo.max_nonfinite_updates="
+                    f"{config.ppo.max_nonfinite_updates}); the last checkpoint "
+                    f"(step {ckpt.latest_step()}) is intact."
+                )
+
+            # ---- Metrics, evaluation, checkpoint -------------------------------------------
+            step_metrics = rollout_metrics(roll, rewards, G, M, config)
+            step_metrics.update({k: float(np.mean([s[k] for s in update_stats]))
+                                 for k in update_stats[0] if k != "finite"})  # fmt: skip
+            step_metrics.update({
+                "rollout/informative_groups": n_informative / B,
+                "rollout/sampling_rounds": rounds,
+                "update/nonfinite_total": extra["nonfinite_updates"],
+                "lr": float(make_lr(config)(step - 1)),
+                **({"kl": kl_value} if kl_on else {}),
+            })  # fmt: skip
+            step_metrics.update({f"reward/reason/{k}": v for k, v in
+                                 count_reasons(scored.reasons).items()})  # fmt: skip
+            if step % config.eval.every == 0 or step == config.total_steps:
+                t0 = time.perf_counter()
+                step_metrics.update(
+                    evaluate(graphdef, state["params"], eval_set, tokenizer, config, mesh, pool)
+                )
+                timings["eval"] = time.perf_counter() - t0
+            step_time = time.perf_counter() - t_step
+            step_metrics.update({f"time/{k}": v for k, v in timings.items()})
+            step_metrics["time/other"] = step_time - sum(timings.values())
+            step_metrics["time/step"] = step_time
+            step_metrics["throughput/tokens_per_s"] = float(lengths.sum()) / step_time
+            writer.write(step, step_metrics)
+            extra["step"] = step
+            stop = preempted()
+            ckpt.save(step, state, data_state=data_iter.get_state(), extra=extra,
+                      force=stop or step == config.total_steps)  # fmt: skip
+            last = step_metrics
+            if on_step is not None:
+                on_step(step, step_metrics)
+            if stop:
+                print(f"SIGTERM received: saved step {step}, exiting.")
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        pool.close()
+        preempted.uninstall()
+    if config.logging.plot:
+        metrics.plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"))
+    return last
+
+
+def rollout_metrics(roll, rewards, G, M, config) -> dict[str, float]:
+    """The per-step statistics researchers compare runs with."""
+    lengths = roll["lengths"].astype(np.float64)
+    score = roll["score"]
+    groups = rewards.reshape(-1, G)
+    coef = roll["coef"] / config.ppo.minibatches
+    stats = agg.coefficient_stats(jnp.asarray(coef), jnp.asarray(lengths), max_response_len=M)
+    delta_l = np.asarray(agg.response_coefficients(
+        jnp.asarray(lengths), mode="delta-l", max_response_len=M, alpha=config.loss.alpha,
+    ))  # fmt: skip
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "accuracy": float((score >= 1.0).mean()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/min": float(lengths.min()),
+        "response_length/max": float(lengths.max()),
+        "response_length/clip_ratio": float(roll["truncated"].mean()),
+        "advantage/zero_groups": float(np.mean(groups.std(-1) == 0)),
+        "aggregation/coef_sum_times_m": float(stats["coef_sum_times_m"]),
+        "aggregation/harmonic_len_over_m": float(stats["harmonic_len_over_m"]),
+        "aggregation/coef_max_over_min": float(stats["coef_max_over_min"]),
+        "aggregation/delta_l_weight_max": float(delta_l.max() * M * len(lengths)),
+        "aggregation/delta_l_weight_min": float(delta_l.min() * M * len(lengths)),
+    }
