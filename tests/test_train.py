@@ -30,9 +30,12 @@ def smoke_config(policy_dir: str, **overrides):
     config = countdown_tiny.get_config("smoke")
     config.model.hf_dir = policy_dir
     config.logging.console = False
-    for key, value in overrides.items():
-        group, field = key.split(".")
-        config[group][field] = value
+    for key, value in overrides.items():  # "total_steps" or "loss.alpha"
+        *groups, field = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[field] = value
     return config
 
 
