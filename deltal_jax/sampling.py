@@ -108,12 +108,22 @@ def generate(
     `jax.set_mesh(mesh)` so the cache is annotated too).
     """
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_tokens, prompt_mask.astype(bool), key, config)
+    return generate_split(graphdef, state, prompt_tokens, prompt_mask, key, config)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig):
+def generate_split(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    config: SamplingConfig,
+) -> SampleOutput:
+    """`generate` on a split model, `nnx.split(model)`, as a trainer holding its parameters
+    as a State calls it; jitted with graphdef and config static (`.lower` works for AOT)."""
     model = nnx.merge(graphdef, state)
+    prompt_mask = prompt_mask.astype(bool)
     b, p = prompt_tokens.shape
     m = config.max_new_tokens
     eos = jnp.asarray(config.eos_ids, jnp.int32)
