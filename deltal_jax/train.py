@@ -344,7 +344,9 @@ def train(
     settings = LossSettings.from_config(config)
 
     # ---- Resume ----------------------------------------------------------------------------
-    state = {"params": params, "opt_state": opt_state, "rng": jax.random.key(config.seed)}
+    # Replicated on the mesh, so a restored key lands where the computations run.
+    rng = jax.device_put(jax.random.key(config.seed), NamedSharding(mesh, P()))
+    state = {"params": params, "opt_state": opt_state, "rng": rng}
     sync_every = config.rollout.sync_every
     if sync_every != 1:  # semi-online / offline: the sampler keeps its own copy
         state["behaviour"] = jax.tree.map(jnp.copy, params)

@@ -91,14 +91,14 @@ DRIVER = textwrap.dedent(
     from tests.test_train import smoke_config
     from deltal_jax import train
 
-    config = smoke_config({policy!r}, **{{"total_steps": 4}})
-    kill_at = int(sys.argv[2])
 
     def on_step(step, _):
-        if step == kill_at:
+        if step == int(sys.argv[2]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train.train(config, sys.argv[1], on_step=on_step)
+    if __name__ == "__main__":  # the reward pool's spawned workers re-import this file
+        config = smoke_config({policy!r}, **{{"total_steps": 4}})
+        train.train(config, sys.argv[1], on_step=on_step)
     """
 )
 
