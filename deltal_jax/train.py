@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -67,7 +68,9 @@ def load_records(config: ml_collections.ConfigDict) -> tuple[list[dict], list[di
     return train, held_out
 
 
-def prepare_policy_dir(config, workdir: str, train_records: list[dict]) -> str:
+def prepare_policy_dir(
+    config, workdir: str, train_records: list[dict], evaluate_model: warmup.EvaluateFn
+) -> str:
     """The HF-layout directory the policy loads from: a given checkpoint, the tiny
     warmed-up model the default run builds (once) in <workdir>/warmup, or a preset with
     random weights (<workdir>/init)."""
@@ -88,6 +91,7 @@ def prepare_policy_dir(config, workdir: str, train_records: list[dict]) -> str:
         seed=config.seed,
         max_prompt_len=config.rollout.max_prompt_len,
         max_response_len=config.rollout.max_response_len,
+        evaluate=evaluate_model,
     )
 
 
@@ -315,7 +319,13 @@ def train(
 
     # ---- Data and policy -------------------------------------------------------------------
     train_records, eval_records = load_records(config)
-    policy_dir = prepare_policy_dir(config, workdir, train_records)
+    pool = RewardPool(config.reward.num_workers)
+
+    def evaluate_model(model, tokenizer):  # the warm-up's before/after figures
+        eval_set = build_eval_set(eval_records, tokenizer, config)
+        return evaluate(*nnx.split(model), eval_set, tokenizer, config, mesh, pool)
+
+    policy_dir = prepare_policy_dir(config, workdir, train_records, evaluate_model)
     tokenizer = load_tokenizer(policy_dir)
     model, _ = load_model(
         policy_dir, mesh=mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -366,9 +376,12 @@ def train(
         config=config.to_dict(),
     )  # fmt: skip
     preempted = checkpointing.install_preemption_handler()
-    pool = RewardPool(config.reward.num_workers)
     if start == 0:
         first = evaluate(graphdef, state["params"], eval_set, tokenizer, config, mesh, pool)
+        warmup_report = os.path.join(policy_dir, warmup.REPORT)
+        if os.path.isfile(warmup_report):
+            with open(warmup_report) as f:
+                first.update({f"warmup/{k}": v for k, v in json.load(f).items()})
         writer.write(0, first)
 
     last: dict[str, float] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -167,6 +167,10 @@ def build_random_model(directory: str, model_cfg: ModelConfig, *, seed: int) -> 
     return directory
 
 
+EvaluateFn = Callable[[nnx.Module, Tokenizer], dict[str, float]]
+REPORT = "warmup_report.json"
+
+
 def build_warm_model(
     directory: str,
     records: Sequence[dict[str, Any]],
@@ -178,11 +182,14 @@ def build_warm_model(
     seed: int,
     max_prompt_len: int,
     max_response_len: int,
+    evaluate: EvaluateFn | None = None,
 ) -> str:
     """Tokenizer + tiny model + warm-up, saved in HF layout to `directory`; returns it.
 
-    An existing complete checkpoint in `directory` is reused, so a resumed run does not
-    repeat (or change) its warm-up.
+    With `evaluate`, the model is evaluated before and after the warm-up and the figures
+    are written to `directory/warmup_report.json`, so a run's log shows what the warm-up
+    and what RL contributed. An existing complete checkpoint in `directory` is reused, so
+    a resumed run does not repeat (or change) its warm-up.
     """
     if os.path.isfile(os.path.join(directory, "config.json")):
         return directory
@@ -196,14 +203,24 @@ def build_warm_model(
         max_prompt_len,
         max_response_len,
     )
-    model, _ = warm_up(
+    model_cfg = tiny_model_config(tokenizer.vocab_size)
+    report = {}
+    if evaluate is not None:
+        before = evaluate(init_model(model_cfg, seed=seed), tokenizer)
+        report.update({f"before/{k}": v for k, v in before.items()})
+    model, losses = warm_up(
         examples,
-        tiny_model_config(tokenizer.vocab_size),
+        model_cfg,
         steps=steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
     )
+    if evaluate is not None:
+        report.update({f"after/{k}": v for k, v in evaluate(model, tokenizer).items()})
+    report["final_loss"] = float(np.mean(losses[-20:])) if losses else float("nan")
     save_model(model, tmp)
+    with open(os.path.join(tmp, REPORT), "w") as f:
+        json.dump(report, f, indent=1)
     os.replace(tmp, directory)  # atomic: the directory exists only once it is complete
     return directory
