@@ -28,8 +28,8 @@ from deltal_jax.models import Decoder, KVCache, attention_mask, positions_from_m
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """max_new_tokens: M, the response buffer length. top_k=0 and top_p=1 disable those
-    filters. greedy takes the argmax (its reported log-prob is that of the tempered model
-    distribution, which is what an evaluation wants). eos_ids end a row; pad_id fills the
+    filters. greedy takes the argmax; its reported log-prob is that of the tempered,
+    filtered distribution (a point mass has none worth reporting). eos_ids end a row; pad_id fills the
     slots after it."""
 
     max_new_tokens: int
