@@ -2,8 +2,8 @@
 tokens each (no EOS), temperature 1.0, KV cache. Figure: generated tokens/s, against HF
 transformers' `generate` with its KV cache on the same weights, measured in this process.
 
-    python benchmarks/sample.py                       # bench-small and bench-medium
-    python benchmarks/sample.py --models=bench-small --no-hf
+    python -m benchmarks.sample                       # bench-small and bench-medium
+    python -m benchmarks.sample --models=bench-small --no-hf
 """
 
 from __future__ import annotations

@@ -4,15 +4,15 @@ on 32 sequences of 160 tokens (32 prompt + 128 response), clipped-surrogate loss
 current ones. Figures: tokens/s and MFU = 6 · params · tokens/s / (float32 matmul peak
 measured in this process), against the same update in HF transformers + torch.optim.AdamW.
 
-    python benchmarks/train.py                          # bench-small and bench-medium
-    python benchmarks/train.py --models=bench-medium --no-hf
+    python -m benchmarks.train                          # bench-small and bench-medium
+    python -m benchmarks.train --models=bench-medium --no-hf
 
 With --memory it instead compiles the same update ahead of time for large presets on 8
 fake CPU devices (abstract inputs: nothing is allocated) and prints XLA's per-device
 memory for several mesh shapes (the table in docs/memory.md):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python benchmarks/train.py --memory --models=qwen2.5-3b,qwen2.5-7b
+        python -m benchmarks.train --memory --models=qwen2.5-3b,qwen2.5-7b
 """
 
 from __future__ import annotations
