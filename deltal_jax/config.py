@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     """All fields with their defaults (the CPU default run)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 60
+    c.total_steps = 150
 
     # Policy: a local HF checkpoint directory (config.json, *.safetensors,
     # tokenizer.json) if given; else the preset "countdown-tiny" (a tiny character-level
@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.kl.aggregation = "token-mean"
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 3e-4
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.01
