@@ -147,6 +147,45 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The baselines of the ΔL paper, as config presets of the recipes in configs/.
+PAPER_BASELINES = {
+    "grpo": "seq-mean-token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+
+
+def paper_recipe() -> ml_collections.ConfigDict:
+    """The ΔL paper's shared settings (ALGORITHMS.md §7, from the reference scripts):
+    base model without chat template, 128 prompts × G = 10, PPO mini-batches of 32
+    prompts, AdamW lr 1e-6 constant with weight decay 0.01 and clip 1.0, ε 0.2 / 0.3,
+    no KL, no entropy bonus, M = 8192, validation Avg@8 / Pass@8 at temperature 1.0."""
+    c = base_config()
+    c.total_steps = 300
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.data.template = "base"
+    c.rollout.prompts_per_step = 128
+    c.rollout.group_size = 10
+    c.rollout.max_prompt_len = 256
+    c.rollout.max_response_len = 8192
+    c.loss.aggregation = "delta-l"
+    c.loss.eps_low, c.loss.eps_high = 0.2, 0.3
+    c.advantage.estimator = "grpo"
+    c.kl.beta = 0.0
+    c.optim.learning_rate = 1e-6
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.ppo.minibatches = 4
+    c.ppo.microbatch_size = 16
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.checkpoint.every = 20
+    c.eval.every = 20
+    c.eval.num_samples = 8
+    c.reward.num_workers = 16
+    return c
+
+
 def _fail(field: str, value, accepted: str) -> None:
     raise ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}.")
 

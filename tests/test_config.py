@@ -1,5 +1,6 @@
 """Start-up validation: each bad config fails with a message naming the field and the fix."""
 
+import importlib
 import os
 import sys
 
@@ -67,11 +68,32 @@ def test_kl_correction_with_reward_placement_is_rejected():
         config_lib.validate(config)
 
 
-def test_shipped_configs_validate():
+@pytest.mark.parametrize(
+    "name,presets",
+    [
+        ("countdown_tiny", (None, "smoke")),
+        ("paper_countdown_qwen25_3b", (None, "grpo", "dapo", "dr_grpo", "dapo_recipe")),
+        ("paper_math_qwen25_7b", (None, "grpo", "dapo", "dr_grpo")),
+    ],
+)
+def test_shipped_configs_validate(name, presets):
     sys.path.insert(0, REPO)
-    from configs import countdown_tiny
-
-    for preset in (None, "smoke"):
-        config_lib.validate(countdown_tiny.get_config(preset))
+    module = importlib.import_module(f"configs.{name}")
+    for preset in presets:
+        config_lib.validate(module.get_config(preset))
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
-        countdown_tiny.get_config("huge")
+        module.get_config("huge")
+
+
+def test_paper_recipes_follow_the_reference_hyperparameters():
+    sys.path.insert(0, REPO)
+    countdown = importlib.import_module("configs.paper_countdown_qwen25_3b").get_config()
+    math = importlib.import_module("configs.paper_math_qwen25_7b").get_config()
+    for c in (countdown, math):
+        assert (c.rollout.prompts_per_step, c.rollout.group_size) == (128, 10)
+        assert c.rollout.prompts_per_step // c.ppo.minibatches == 32  # prompts per update
+        assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 0.01, 1)
+        assert (c.loss.eps_low, c.loss.eps_high, c.kl.beta) == (0.2, 0.3, 0.0)
+        assert c.data.template == "base" and c.eval.num_samples == 8
+    assert (countdown.loss.alpha, math.loss.alpha) == (1.0, 0.75)
+    assert countdown.model.preset == "qwen2.5-3b" and math.model.preset == "qwen2.5-7b"
