@@ -174,15 +174,15 @@ def microbatch_loss(params, graphdef, mb: dict, s: LossSettings):
             tl.logp, mb["ref_logp"], estimator=s.kl_estimator, beta=s.kl_beta,
             old_logp=mb["old_logp"] if s.kl_off_policy else None,
         )  # fmt: skip
-        aux["loss/kl"] = agg.aggregate(per_token, mask, mb["aux_coef"])
+        aux["loss/kl"] = agg.aggregate(per_token, mask, mb["kl_coef"])
         loss += aux["loss/kl"]
     if s.entropy_coef:
         aux["loss/entropy"] = agg.aggregate(
-            entropy_bonus(tl.entropy, s.entropy_coef), mask, mb["aux_coef"]
+            entropy_bonus(tl.entropy, s.entropy_coef), mask, mb["entropy_coef"]
         )
         loss += aux["loss/entropy"]
-    # Token-mean statistics, as sums here; `aux_coef` is 1/(tokens in the mini-batch).
-    token_mean = lambda x: agg.aggregate(x.astype(jnp.float32), mask, mb["aux_coef"])
+    # Token-mean statistics, as sums here; `stat_coef` is 1/(tokens in the mini-batch).
+    token_mean = lambda x: agg.aggregate(x.astype(jnp.float32), mask, mb["stat_coef"])
     aux.update({
         "entropy": token_mean(tl.entropy),
         "clip_frac/low": token_mean(pg.clipped_low),
@@ -465,21 +465,23 @@ def train(
             lengths = roll["resp_mask"].sum(-1).astype(np.float32)
             n_mini = config.ppo.minibatches
             k_micro = (n_rows // n_mini) // micro
-            # Global c_i over the rollout batch; one of P mini-batch steps scales by P.
-            roll["coef"] = n_mini * np.asarray(agg.response_coefficients(
-                jnp.asarray(lengths), mode=config.loss.aggregation, max_response_len=M,
-                alpha=config.loss.alpha, scope=config.loss.scope, group_size=G,
-                num_microbatches=n_mini * k_micro,
-            ))  # fmt: skip
-            roll["aux_coef"] = n_mini * np.asarray(agg.response_coefficients(
-                jnp.asarray(lengths), mode=config.kl.aggregation if kl_on else "token-mean",
-                max_response_len=M, num_microbatches=n_mini * k_micro,
-            ))  # fmt: skip
+            # Global c_i over the rollout batch; one of P mini-batch steps scales by P. The
+            # KL and entropy terms have their own aggregation; logged statistics are
+            # token means.
+            n_chunks = n_mini * k_micro
+            for name, mode in (("coef", config.loss.aggregation),
+                               ("kl_coef", config.kl.aggregation),
+                               ("entropy_coef", config.loss.entropy_aggregation),
+                               ("stat_coef", "token-mean")):  # fmt: skip
+                roll[name] = n_mini * np.asarray(agg.response_coefficients(
+                    jnp.asarray(lengths), mode=mode, max_response_len=M, alpha=config.loss.alpha,
+                    scope=config.loss.scope, group_size=G, num_microbatches=n_chunks,
+                ))  # fmt: skip
 
             # ---- Update: epochs × mini-batches, each a scan over micro-batches -------------
             t0 = time.perf_counter()
             fields = ["prompt_ids", "prompt_mask", "resp_ids", "resp_mask", "old_logp",
-                      "advantages", "coef", "aux_coef"]  # fmt: skip
+                      "advantages", "coef", "kl_coef", "entropy_coef", "stat_coef"]  # fmt: skip
             fields += ["ref_logp"] if kl_on else []
             perm_rng = np.random.default_rng([config.seed, step])
             update_stats = []

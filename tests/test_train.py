@@ -76,6 +76,33 @@ def test_two_steps_write_metrics_tensorboard_and_checkpoints(policy_dir, tmp_pat
     assert saved["loss"]["aggregation"] == "delta-l"
 
 
+def test_kl_entropy_dapo_and_semi_online_options_run_and_start_from_zero_kl(policy_dir, tmp_path):
+    config = smoke_config(
+        policy_dir,
+        **{
+            "kl.beta": 0.05, "kl.estimator": "k3", "kl.placement": "both",
+            "loss.entropy_coef": 0.01, "rollout.dynamic_sampling": True,
+            "rollout.max_sampling_rounds": 2, "reward.overlong_buffer": 4,
+            "reward.overlong_filter": True, "rollout.sync_every": 2, "ppo.minibatches": 2,
+            "ppo.epochs": 2, "loss.variant": "gspo-token",
+        },
+    )  # fmt: skip
+    workdir = tmp_path / "options"
+    train.train(config, str(workdir))
+    rows = {r["step"]: r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl"))}
+    # Step 1 samples from the initial policy, which is also the reference: KL is 0 up to
+    # the float32 difference between cached decoding and teacher forcing.
+    assert abs(rows[1]["kl"]) < 1e-5
+    # loss/kl is averaged over the step's 4 updates: the policy moves during them.
+    # sync_every=2: step 2 still samples with the initial policy (its KL to the reference
+    # stays 0) while the trained policy has moved away from it.
+    assert abs(rows[2]["kl"]) < 1e-5
+    assert rows[2]["loss/kl"] > 0 and rows[1]["loss/kl"] > 0
+    for step in (1, 2):
+        assert 1 <= rows[step]["rollout/sampling_rounds"] <= 2
+        assert np.isfinite(rows[step]["loss/entropy"]) and rows[step]["loss/entropy"] < 0
+
+
 def test_a_bad_config_fails_before_anything_is_built(policy_dir, tmp_path):
     config = smoke_config(policy_dir)
     config.loss.alpha = 2.0
@@ -175,7 +202,7 @@ def one_update(policy_dir, mode, alpha, rollout, microbatches=1):
     lengths = jnp.asarray(rollout["resp_mask"].sum(-1), jnp.float32)
     coef = agg.response_coefficients(lengths, mode=mode, max_response_len=24, alpha=alpha)
     aux = agg.response_coefficients(lengths, mode="token-mean", max_response_len=24)
-    batch = {**rollout, "coef": coef, "aux_coef": aux}
+    batch = {**rollout, "coef": coef, "kl_coef": aux, "entropy_coef": aux, "stat_coef": aux}
     n = len(coef)
     batch = jax.tree.map(lambda x: jnp.asarray(x).reshape(microbatches, n // microbatches,
                                                           *x.shape[1:]), batch)  # fmt: skip
