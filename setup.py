@@ -7,7 +7,6 @@ HF = ["safetensors>=0.4", "tokenizers>=0.19"]
 # Logit-parity tests against HF transformers. torch is pinned to the CPU build so a fresh
 # machine does not pull a multi-gigabyte CUDA wheel just to compare logits.
 PARITY = ["torch==2.13.0", "transformers>=4.45", *HF]
-VIZ = ["matplotlib>=3.8"]
 
 setup(
     name="deltal_jax",
@@ -40,6 +39,5 @@ setup(
         "test": TEST,
         "hf": HF,
         "parity": PARITY,
-        "viz": VIZ,
     },
 )
