@@ -17,7 +17,7 @@ Reported (secondary source, unconfirmed): Avg@8 0.847 for ΔL vs 0.811 for GRPO 
 M = 3072.
 """
 
-from deltal_jax.config import PAPER_BASELINES, paper_recipe
+from deltal_jax.config import apply_paper_preset, paper_recipe
 
 
 def get_config(arg: str | None = None):
@@ -31,17 +31,12 @@ def get_config(arg: str | None = None):
     c.data.num_train = 50000
     c.data.num_eval = 512
     c.loss.alpha = 1.0
-    if arg in (None, "", "delta_l"):
-        return c
-    if arg in PAPER_BASELINES:
-        c.loss.aggregation = PAPER_BASELINES[arg]
-        return c
-    if arg == "dapo_recipe":
-        c.rollout.group_size = 8
-        c.rollout.max_response_len = 3072
-        c.rollout.dynamic_sampling = True
-        c.loss.clip_ratio_c = 10.0
-        return c
-    raise ValueError(
-        f"Unknown preset {arg!r}; accepted: delta_l, {', '.join(PAPER_BASELINES)}, dapo_recipe."
-    )
+    return apply_paper_preset(c, arg, {"dapo_recipe": _delta_l_in_dapo})
+
+
+def _delta_l_in_dapo(c) -> None:
+    """ΔL inside DAPO: G = 8, M = 3072, dynamic sampling, dual clip c = 10."""
+    c.rollout.group_size = 8
+    c.rollout.max_response_len = 3072
+    c.rollout.dynamic_sampling = True
+    c.loss.clip_ratio_c = 10.0

@@ -16,7 +16,7 @@ symbolically (sympy, time-bounded).
 Presets: `:grpo`, `:dapo`, `:dr_grpo` swap the aggregator for the paper's baselines.
 """
 
-from deltal_jax.config import PAPER_BASELINES, paper_recipe
+from deltal_jax.config import apply_paper_preset, paper_recipe
 
 
 def get_config(arg: str | None = None):
@@ -28,9 +28,4 @@ def get_config(arg: str | None = None):
     c.data.num_eval = 500
     c.rollout.max_prompt_len = 512
     c.loss.alpha = 0.75
-    if arg in (None, "", "delta_l"):
-        return c
-    if arg in PAPER_BASELINES:
-        c.loss.aggregation = PAPER_BASELINES[arg]
-        return c
-    raise ValueError(f"Unknown preset {arg!r}; accepted: delta_l, {', '.join(PAPER_BASELINES)}.")
+    return apply_paper_preset(c, arg)

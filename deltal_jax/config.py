@@ -9,6 +9,8 @@ what would be accepted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_collections
 
 from deltal_jax import advantages, aggregation, kl
@@ -184,6 +186,24 @@ def paper_recipe() -> ml_collections.ConfigDict:
     c.eval.num_samples = 8
     c.reward.num_workers = 16
     return c
+
+
+def apply_paper_preset(
+    config: ml_collections.ConfigDict,
+    arg: str | None,
+    extra: dict[str, Callable[[ml_collections.ConfigDict], None]] | None = None,
+) -> ml_collections.ConfigDict:
+    """Applies a recipe preset: None, "" or "delta_l" keeps ΔL; a `PAPER_BASELINES` name
+    swaps in that aggregator; a name in `extra` calls its function on the config."""
+    extra = extra or {}
+    if arg in PAPER_BASELINES:
+        config.loss.aggregation = PAPER_BASELINES[arg]
+    elif arg in extra:
+        extra[arg](config)
+    elif arg not in (None, "", "delta_l"):
+        accepted = ", ".join(["delta_l", *PAPER_BASELINES, *extra])
+        raise ValueError(f"Unknown preset {arg!r}; accepted: {accepted}.")
+    return config
 
 
 def _fail(field: str, value, accepted: str) -> None:
