@@ -2,7 +2,20 @@
 
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"]
+# The notebooks under notebooks/ are executed by the test suite (nbclient, ipykernel).
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "ruff>=0.6",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+]
+# Accelerator builds of JAX (launch/tpu.py and launch/gpu.py install them). cuda12 wheels
+# bring their own CUDA libraries and need an NVIDIA driver >= 525; jax[cuda13] would need
+# >= 580.
+TPU = ["jax[tpu]>=0.6"]
+CUDA = ["jax[cuda12]>=0.6"]
 HF = ["safetensors>=0.4", "tokenizers>=0.19"]
 # Logit-parity tests against HF transformers. torch is pinned to the CPU build so a fresh
 # machine does not pull a multi-gigabyte CUDA wheel just to compare logits.
@@ -39,5 +52,7 @@ setup(
         "test": TEST,
         "hf": HF,
         "parity": PARITY,
+        "tpu": TPU,
+        "cuda": CUDA,
     },
 )
