@@ -16,7 +16,7 @@ import ml_collections
 from deltal_jax import advantages, aggregation, kl
 from deltal_jax.models.config import PRESETS
 from deltal_jax.policy_loss import VARIANTS
-from deltal_jax.warmup import TINY_PRESET
+from deltal_jax.warmup import SOLUTION_FORMATS, TINY_PRESET
 
 TASKS = ("countdown", "math", "gsm8k")
 TEMPLATES = ("compact", "base", "chat")
@@ -51,7 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup.steps = 400
     c.warmup.batch_size = 64
     c.warmup.learning_rate = 3e-3
-    c.warmup.num_examples = 20000
+    c.warmup.num_examples = 20000  # worked solutions drawn from the train records
+    c.warmup.solution_format = "steps"  # "steps": 9-3=6 6*4=24<answer>..; "answer": bare
+    # A directory shared by runs (e.g. a sweep's trials): the warm-up is built once per
+    # distinct warm-up setting in <cache_dir>/<key> and reused. Empty: <workdir>/warmup.
+    c.warmup.cache_dir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "countdown"
@@ -70,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.prompts_per_step = 16  # B
     c.rollout.group_size = 8  # G
     c.rollout.max_prompt_len = 16
-    c.rollout.max_response_len = 24  # M: the aggregators' constant, never the padded width
+    c.rollout.max_response_len = 32  # M: the aggregators' constant, never the padded width
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
@@ -249,6 +253,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
     _one_of(config, "data.task", TASKS)
     _one_of(config, "data.template", TEMPLATES)
+    _one_of(config, "warmup.solution_format", SOLUTION_FORMATS)
     if config.data.template == "compact" and config.data.task != "countdown":
         _fail("data.template", "compact", "'compact' only for data.task='countdown'")
     if config.data.task == "math" and not config.data.jsonl_train:

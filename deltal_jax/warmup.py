@@ -2,8 +2,13 @@
 decoder, and a short supervised warm-up on generated Countdown solutions.
 
 RL from random weights would never see a reward on Countdown, so the default run first
-teaches a fresh model the answer format with a few hundred supervised steps on
-reference solutions (of varied length: 3 or 4 numbers, with or without parentheses).
+teaches a fresh model the answer format with a few hundred supervised steps on worked
+solutions: the arithmetic steps, then the expression they build,
+`9-3=6 6*4=24<answer>(9-3)*4</answer>`. A random valid solution is drawn for each
+example. The steps are small facts shared across instances, so what the warm-up teaches
+carries over to held-out instances (a bare expression mostly gets memorised per
+instance), and they leave RL something general to improve: the arithmetic, and the
+choice of first step. Lengths vary with the digits and the number of steps.
 The result is written as an ordinary HF-layout checkpoint (config.json,
 model.safetensors, tokenizer.json) and the RL loop loads it with the same code that
 loads a real Qwen checkpoint.
@@ -11,6 +16,7 @@ loads a real Qwen checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from deltal_jax.data.countdown import Trace, solution_traces
 from deltal_jax.models import (
     ModelConfig,
     Tokenizer,
@@ -79,9 +86,45 @@ def tiny_model_config(vocab_size: int, **overrides: Any) -> ModelConfig:
     )
 
 
+SOLUTION_FORMATS = ("steps", "answer")
+
+
 def answer_text(solution: str) -> str:
-    """The response a warmed-up policy writes: `<answer>expr</answer>`, no spaces."""
+    """The bare answer `<answer>expr</answer>`, no spaces."""
     return ANSWER_OPEN + solution.replace(" ", "") + ANSWER_CLOSE
+
+
+def solution_text(trace: Trace, solution_format: str = "steps") -> str:
+    """The response a warmed-up policy writes: `9-3=6 6*4=24<answer>(9-3)*4</answer>`
+    ("steps"), or the answer alone ("answer")."""
+    if solution_format not in SOLUTION_FORMATS:
+        raise ValueError(
+            f"unknown solution_format {solution_format!r}; accepted: {SOLUTION_FORMATS}"
+        )
+    steps = " ".join(trace.steps) if solution_format == "steps" else ""
+    return steps + answer_text(trace.expression)
+
+
+def sample_solutions(
+    records: Sequence[dict[str, Any]],
+    num_examples: int,
+    *,
+    seed: int,
+    solution_format: str = "steps",
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """`num_examples` (record, response) pairs: a random record, then a random one of its
+    step-by-step solutions (`solution_traces`). Records without one (e.g. only reachable
+    through a fraction) are skipped."""
+    traces = [solution_traces(r["numbers"], r["target"]) for r in records]
+    usable = [i for i, t in enumerate(traces) if t]
+    if not usable:
+        raise ValueError("none of the records has a solution with integer intermediates")
+    rng = np.random.default_rng(seed)
+    picked, responses = [], []
+    for i in rng.choice(usable, num_examples):
+        picked.append(records[i])
+        responses.append(solution_text(traces[i][rng.integers(len(traces[i]))], solution_format))
+    return picked, responses
 
 
 def supervised_batch(
@@ -181,10 +224,16 @@ def build_warm_model(
     learning_rate: float,
     seed: int,
     max_prompt_len: int,
-    max_response_len: int,
+    max_response_len: int | None = None,
+    num_examples: int = 20000,
+    solution_format: str = "steps",
     evaluate: EvaluateFn | None = None,
 ) -> str:
     """Tokenizer + tiny model + warm-up, saved in HF layout to `directory`; returns it.
+
+    The warm-up trains on `num_examples` worked solutions drawn from `records` (see
+    `sample_solutions`), padded to `max_response_len` tokens (None: the longest one plus
+    EOS, so no solution is cut; the warm-up then does not depend on the RL run's M).
 
     With `evaluate`, the model is evaluated before and after the warm-up and the figures
     are written to `directory/warmup_report.json`, so a run's log shows what the warm-up
@@ -193,15 +242,17 @@ def build_warm_model(
     """
     if os.path.isfile(os.path.join(directory, "config.json")):
         return directory
-    tmp = directory + ".tmp"
+    # Private to this process: runs sharing a cache directory may build concurrently.
+    tmp = f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed warm-up
     tokenizer = write_char_tokenizer(tmp)
+    picked, responses = sample_solutions(
+        records, num_examples, seed=seed, solution_format=solution_format
+    )
+    if max_response_len is None:
+        max_response_len = 1 + max(len(tokenizer.encode(text)) for text in set(responses))
     examples = supervised_batch(
-        [prompt_fn(r) for r in records],
-        [answer_text(r["solution"]) for r in records],
-        tokenizer,
-        max_prompt_len,
-        max_response_len,
+        [prompt_fn(r) for r in picked], responses, tokenizer, max_prompt_len, max_response_len
     )
     model_cfg = tiny_model_config(tokenizer.vocab_size)
     report = {}
@@ -222,5 +273,19 @@ def build_warm_model(
     save_model(model, tmp)
     with open(os.path.join(tmp, REPORT), "w") as f:
         json.dump(report, f, indent=1)
-    os.replace(tmp, directory)  # atomic: the directory exists only once it is complete
+    try:
+        os.replace(tmp, directory)  # atomic: the directory exists only once it is complete
+    except OSError:  # another run finished the same warm-up first: use that one
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise
+        shutil.rmtree(tmp)
     return directory
+
+
+def cache_directory(cache_dir: str, settings: dict[str, Any]) -> str:
+    """`<cache_dir>/warmup-<hash of settings>`: one warm-up per distinct setting, shared
+    by every run that asks for it (a sweep's trials start from the same policy)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return os.path.join(
+        cache_dir, f"warmup-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
+    )

@@ -36,6 +36,7 @@ BAD = [
     ("model.dtype", "float64", r"model\.dtype='float64' .* float32, bfloat16, float16"),
     ("data.task", "chess", r"data\.task='chess' .* countdown, math, gsm8k"),
     ("data.template", "chat-ml", r"data\.template='chat-ml' .* compact, base, chat"),
+    ("warmup.solution_format", "cot", r"warmup\.solution_format='cot' .* steps, answer"),
     ("rollout.group_size", 0, r"rollout\.group_size=0 is invalid; accepted: a number > 0"),
     ("rollout.max_response_len", -3, r"max_response_len=-3 is invalid"),
     ("rollout.top_p", 1.5, r"rollout\.top_p=1\.5 .* a number in \(0, 1\]"),

@@ -52,7 +52,7 @@ def test_warm_up_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, recor
         steps=30, batch_size=16, learning_rate=3e-3, seed=0, max_prompt_len=16,
         max_response_len=24, evaluate=evaluate,
     )  # fmt: skip
-    assert out == directory and not os.path.exists(directory + ".tmp")
+    assert out == directory and os.listdir(tmp_path) == ["warm"]  # no temporary left
     report = json.loads((tmp_path / "warm" / warmup.REPORT).read_text())
     assert report["before/eval/accuracy"] == 1.0 and report["after/eval/accuracy"] == 2.0
     tok = load_tokenizer(directory)
@@ -74,3 +74,34 @@ def test_warm_up_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, recor
         max_prompt_len=16, max_response_len=24, evaluate=evaluate,
     )  # fmt: skip
     assert again == directory and len(calls) == 2
+
+
+def test_sampled_solutions_are_correct_varied_and_deterministic(records):
+    from deltal_jax.rewards import countdown_reward
+
+    picked, responses = warmup.sample_solutions(records, 200, seed=0)
+    assert (picked, responses) == warmup.sample_solutions(records, 200, seed=0)
+    assert responses != warmup.sample_solutions(records, 200, seed=1)[1]
+    for r, text in zip(picked, responses, strict=True):
+        meta = {"numbers": r["numbers"], "target": r["target"]}
+        assert countdown_reward(text, meta).score == 1.0
+        steps = text[: text.index(warmup.ANSWER_OPEN)].split()
+        assert len(steps) == len(r["numbers"]) - 1 and steps[-1].endswith(f"={r['target']}")
+    # The same instance is worked in different ways, and lengths vary.
+    by_instance = {}
+    for r, text in zip(picked, responses, strict=True):
+        by_instance.setdefault(r["id"], set()).add(text)
+    assert max(len(v) for v in by_instance.values()) > 1
+    assert len({len(t) for t in responses}) > 3
+
+    _, bare = warmup.sample_solutions(records, 50, seed=0, solution_format="answer")
+    assert all(t.startswith(warmup.ANSWER_OPEN) for t in bare)
+    with pytest.raises(ValueError, match="accepted: \\('steps', 'answer'\\)"):
+        warmup.sample_solutions(records, 5, seed=0, solution_format="cot")
+
+
+def test_cache_directory_is_one_per_setting(tmp_path):
+    a = warmup.cache_directory(str(tmp_path), {"steps": 400, "seed": 0, "spec": (3,)})
+    assert a == warmup.cache_directory(str(tmp_path), {"spec": (3,), "seed": 0, "steps": 400})
+    assert a != warmup.cache_directory(str(tmp_path), {"steps": 400, "seed": 1, "spec": (3,)})
+    assert os.path.dirname(a) == str(tmp_path)

@@ -176,3 +176,42 @@ def solve(numbers: Sequence[int], target: int, max_solutions: int | None = None)
         term.text for term in _expressions([_leaf(int(n)) for n in numbers]) if term.value == target
     }
     return sorted(found, key=lambda text: (len(text), text))[:max_solutions]
+
+
+class Trace(NamedTuple):
+    """A worked solution: the steps in order (`"9-3=6"`) and the expression they build."""
+
+    steps: tuple[str, ...]
+    expression: str
+
+
+def solution_traces(numbers: Sequence[int], target: int) -> list[Trace]:
+    """Every step-by-step solution whose intermediates are positive integers.
+
+    Each step combines two remaining values, larger first (`a op b = v` with a ≥ b), so a
+    trace reads like hand-worked arithmetic. These are the worked solutions a tiny model
+    is warmed up on: each step is a small arithmetic fact shared across instances, which
+    transfers to held-out instances where a bare final expression does not. Sorted, so
+    the list is deterministic.
+    """
+    found: set[Trace] = set()
+
+    def extend(terms: list[_Term], steps: tuple[str, ...]) -> None:
+        if len(terms) == 1:
+            if terms[0].value == target:
+                found.add(Trace(steps, terms[0].text.replace(" ", "")))
+            return
+        for i, lhs in enumerate(terms):
+            for j, rhs in enumerate(terms):
+                if i == j or lhs.value < rhs.value:
+                    continue
+                rest = [t for k, t in enumerate(terms) if k not in (i, j)]
+                for op in "+-*/":
+                    combined = _combine(lhs, op, rhs)
+                    if combined is None or combined.value <= 0 or combined.value.denominator != 1:
+                        continue
+                    step = f"{lhs.value}{op}{rhs.value}={combined.value}"
+                    extend([*rest, combined], (*steps, step))
+
+    extend([_leaf(int(n)) for n in numbers], ())
+    return sorted(found)

@@ -8,6 +8,7 @@ from deltal_jax.data.countdown import (
     CountdownSpec,
     generate_split,
     instance_split,
+    solution_traces,
     solve,
 )
 from deltal_jax.rewards.countdown import countdown_reward, evaluate_expression
@@ -90,3 +91,40 @@ def test_bad_specs_and_exhausted_spaces_are_clear_errors():
     tiny = CountdownSpec(num_numbers=(2,), min_number=1, max_number=1, test_fraction=0.5)
     with pytest.raises(ValueError, match="found only .* widen"):
         generate_split("train", 5, seed=0, spec=tiny)
+
+
+def _replay(steps):
+    """Values each step claims, checked by exact arithmetic; returns the last."""
+    value = None
+    for step in steps:
+        expr, claimed = step.split("=")
+        value, _ = evaluate_expression(expr)
+        assert value == int(claimed) and value > 0
+    return value
+
+
+@pytest.mark.parametrize(
+    ("numbers", "target"), [((7, 7, 1), 13), ((3, 5, 2, 8), 24), ((9, 3, 4), 24)]
+)
+def test_solution_traces_are_correct_worked_solutions(numbers, target):
+    traces = solution_traces(numbers, target)
+    assert traces and traces == sorted(set(traces))
+    meta = {"numbers": list(numbers), "target": target}
+    for trace in traces:
+        assert len(trace.steps) == len(numbers) - 1
+        assert _replay(trace.steps) == target
+        assert countdown_reward(f"<answer>{trace.expression}</answer>", meta).score == 1.0
+        # Steps write the larger operand first.
+        for step in trace.steps:
+            lhs = step.split("=")[0]
+            a, b = (int(x) for x in lhs.replace("+", " ").replace("-", " ").replace(
+                "*", " ").replace("/", " ").split())  # fmt: skip
+            assert a >= b
+
+
+def test_solution_traces_known_case_and_fraction_only_instances():
+    assert {t.steps for t in solution_traces([9, 3, 4], 24)} >= {("9-3=6", "6*4=24")}
+    # 6 / (1 - 3/4) is the only solution, and it needs a fractional intermediate.
+    assert solve([1, 3, 4, 6], 24) == ["6 / (1 - 3 / 4)"]
+    assert solution_traces([1, 3, 4, 6], 24) == []
+    assert solution_traces([1, 1], 5) == []
