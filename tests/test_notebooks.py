@@ -37,14 +37,23 @@ def code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 
 def assigned_constants(source: str) -> dict[str, object]:
-    """`NAME = <literal>` assignments at the top level of a cell's source."""
+    """`NAME = <literal>` (or `NAME: type = <literal>`) at the top level of a cell."""
     constants = {}
     for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-            for target in node.targets:
+        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Constant):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
                 if isinstance(target, ast.Name):
                     constants[target.id] = node.value.value
     return constants
+
+
+def reads(source: str, name: str) -> bool:
+    """Whether the cell's code reads the variable `name`."""
+    return any(
+        isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
+        for node in ast.walk(ast.parse(source))
+    )
 
 
 def execute_smoke(name: str, workdir: str) -> nbformat.NotebookNode:
@@ -80,6 +89,11 @@ def test_committed_without_outputs_and_with_a_smoke_parameter(name):
     assert tagged == [0], f"{name}: the first code cell (only) must be tagged 'parameters'"
     assert assigned_constants(cells[0].source).get("SMOKE") is False, (
         f"{name}: the parameters cell must set SMOKE = False"
+    )
+    # SMOKE = True is injected after this cell: a value derived from SMOKE here would
+    # keep its full-size setting.
+    assert not reads(cells[0].source, "SMOKE"), (
+        f"{name}: derive values from SMOKE in a later cell, not in the parameters cell"
     )
 
 
