@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     """All fields with their defaults (the CPU default run)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 150
+    c.total_steps = 200
 
     # Policy: a local HF checkpoint directory (config.json, *.safetensors,
     # tokenizer.json) if given; else the preset "countdown-tiny" (a tiny character-level
@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.kl.aggregation = "token-mean"
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 3e-4
+    c.optim.learning_rate = 1e-4
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.01
@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 2
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 10
+    c.eval.every = 20
     c.eval.num_samples = 4  # k of Avg@k / Pass@k
     c.eval.temperature = 1.0
     c.eval.seed = 1234

@@ -72,7 +72,7 @@ def test_kl_correction_with_reward_placement_is_rejected():
 @pytest.mark.parametrize(
     "name,presets",
     [
-        ("countdown_tiny", (None, "smoke")),
+        ("countdown_tiny", (None, "smoke", "toy")),
         ("paper_countdown_qwen25_3b", (None, "grpo", "dapo", "dr_grpo", "dapo_recipe")),
         ("paper_math_qwen25_7b", (None, "grpo", "dapo", "dr_grpo")),
     ],

@@ -141,7 +141,7 @@ def test_paper_toy_sweep_is_six_arms_two_lengths_three_seeds():
             assert overrides == {"loss.aggregation": "delta-l", "loss.alpha": float(arm[4:])}
     assert "dl_a0.75-M24-s1" in {t.name for t in trials}
     assert {(t.grid["rollout.max_response_len"], t.grid["seed"]) for t in trials} == {
-        (m, s) for m in (16, 24) for s in (0, 1, 2)
+        (m, s) for m in (24, 32) for s in (0, 1, 2)
     }
 
 

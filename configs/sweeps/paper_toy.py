@@ -24,5 +24,5 @@ def get_sweep():
             "dl_a0.75": {"loss.aggregation": "delta-l", "loss.alpha": 0.75},
             "dl_a1.0": {"loss.aggregation": "delta-l", "loss.alpha": 1.0},
         },
-        "grid": {"rollout.max_response_len": [16, 24], "seed": [0, 1, 2]},
+        "grid": {"rollout.max_response_len": [24, 32], "seed": [0, 1, 2]},
     }
