@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """All fields with their defaults (the CPU default run)."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # the RL run: sampling keys, data order (data.seed and warmup.seed: the rest)
     c.total_steps = 200
 
     # Policy: a local HF checkpoint directory (config.json, *.safetensors,
@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     # starts from a policy that writes well-formed answers of varied length. Its
     # checkpoint is written in HF layout to <workdir>/warmup and loaded from there.
     c.warmup = ml_collections.ConfigDict()
+    c.warmup.seed = 0  # initialisation and example draw: runs differing in `seed` share it
     c.warmup.steps = 400
     c.warmup.batch_size = 64
     c.warmup.learning_rate = 3e-3
@@ -68,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_target = 30
     c.data.test_fraction = 0.2  # share of the instance space held out for evaluation
     c.data.num_train = 1000
+    c.data.seed = 0  # which Countdown instances are drawn (train: seed, held-out: seed + 1)
     c.data.num_eval = 200
 
     c.rollout = ml_collections.ConfigDict()
