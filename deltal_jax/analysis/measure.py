@@ -475,39 +475,48 @@ def format_report(result: dict[str, Any]) -> str:
 
 def plot_report(result: dict[str, Any]):
     """A matplotlib Figure of two panels: the per-length mean of ‖g_i − r‖² and ‖s_i‖²
-    against L (log-log, with the fitted power laws, and β = 1 dotted for comparison); the
-    scaled noise of each aggregator relative to the baseline, with its standard error."""
+    against L (log-log; marker area ∝ number of responses; the fitted power law, and
+    β = 1 dotted through the fit at the most common length); the scaled noise of each
+    aggregator relative to the baseline with its standard error, and the independent-rows
+    prediction."""
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("gradient", "‖g_i − r‖²"), ("score", "‖s_i‖²")):
         f = result["length_fit"][key]
         lens, means = np.asarray(f["lengths"], float), np.asarray(f["means"])
-        keep = (np.asarray(f["counts"]) >= 2) & (means > 0) & (lens > 0)
+        counts = np.asarray(f["counts"])
+        keep = (counts >= 2) & (means > 0) & (lens > 0)
         if not keep.any():
             continue
-        label = f"{label}: β = {f['exponent']:.2f}"
-        (line,) = ax1.loglog(lens[keep], means[keep], "o", label=label)
+        x, y, n = lens[keep], means[keep], counts[keep]
+        sizes = 200 * np.sqrt(n / n.max())
+        scatter = ax1.scatter(x, y, s=sizes, alpha=0.6, label=f"{label}: β = {f['exponent']:.2f}")
         if np.isfinite(f["exponent"]):
-            fitted = f["scale"] * lens[keep] ** f["exponent"]
-            ax1.loglog(lens[keep], fitted, "-", color=line.get_color())
-            ax1.loglog(lens[keep], fitted[0] * lens[keep] / lens[keep][0], ":",
-                       color=line.get_color())  # fmt: skip
-        ax1.legend(fontsize=8)
-    ax1.set(xlabel="response length L", ylabel="mean over responses of length L",
+            color = scatter.get_facecolor()[0][:3]
+            fitted = f["scale"] * x ** f["exponent"]
+            ax1.plot(x, fitted, "-", color=color)
+            anchor = np.argmax(n)
+            ax1.plot(x, fitted[anchor] * x / x[anchor], ":", color=color)
+    ax1.set(xscale="log", yscale="log", xlabel="response length L",
+            ylabel="mean over responses of length L",
             title="per-response variance vs length (dotted: β = 1)")  # fmt: skip
+    ax1.legend(fontsize=8)
     aggs = result["aggregators"]
     names = list(aggs)
-    ratios = [aggs[n]["scaled_noise_ratio"] for n in names]
-    errors = [aggs[n]["scaled_noise_ratio_se"] for n in names]
+    ratios = np.asarray([aggs[n]["scaled_noise_ratio"] for n in names])
+    errors = np.asarray([aggs[n]["scaled_noise_ratio_se"] for n in names])
+    predicted = np.asarray([aggs[n]["predicted_scaled_noise_ratio"] for n in names])
     colors = ["C0" if aggs[n]["unbiased"] else "C3" for n in names]
     ax2.bar(range(len(names)), ratios, yerr=errors, color=colors, capsize=3)
-    ax2.plot(range(len(names)), [aggs[n]["predicted_scaled_noise_ratio"] for n in names], "k_",
-             markersize=18, label="independent rows")  # fmt: skip
+    ax2.scatter(range(len(names)), predicted, marker="D", color="k", zorder=3,
+                label="predicted: independent rows")  # fmt: skip
     ax2.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    finite = [v for v in ratios if np.isfinite(v)]
-    if finite:
-        ax2.set_ylim(min(finite) - 0.05 * abs(min(finite)), max(finite) * 1.03)
+    shown = np.concatenate([ratios - errors, ratios + errors, predicted])
+    shown = shown[np.isfinite(shown)]
+    if shown.size:
+        pad = 0.1 * max(shown.max() - shown.min(), 0.01)
+        ax2.set_ylim(shown.min() - pad, shown.max() + pad)
     ax2.legend(fontsize=8)
     ax2.set(ylabel=f"sqrt(tr Cov ĝ) / mean Σc, ÷ {result['settings']['baseline']}",
             title="scaled noise (blue: Σc = 1/M; red: length-dependent)")  # fmt: skip
