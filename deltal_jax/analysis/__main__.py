@@ -1,10 +1,10 @@
 """Gradient-variance diagnostics of the loss aggregators on a policy and task.
 
     python -m deltal_jax.analysis --policy=default --num_batches=64 \
-        --reference_batches=512 --out=runs/variance
+        --reference_batches=192 --out=runs/variance
 
 `--policy=default` is the policy the default run starts from (the warmed-up tiny model,
-built once into `--cache_dir/warmup` with the trainer's own code); any HF-layout
+built once under `--cache_dir` by the trainer's own code); any HF-layout
 checkpoint directory works too. Task, batch shape (B, G, M), temperature and advantage
 estimator come from `--config` (default: `deltal_jax.config.base_config()`), e.g.
 `--config=configs/countdown_tiny.py --config.rollout.group_size=16`.
@@ -31,7 +31,7 @@ _CACHE = flags.DEFINE_string(
     "cache_dir", os.path.join("runs", "analysis_cache"), "Where --policy=default is built."
 )
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 64, "K: measured rollout batches.")
-_REFERENCE = flags.DEFINE_integer("reference_batches", 512, "R: batches for the reference.")
+_REFERENCE = flags.DEFINE_integer("reference_batches", 192, "R: batches for the reference.")
 _AGGREGATORS = flags.DEFINE_string(
     "aggregators", DEFAULT_AGGREGATORS, "grpo, dapo, dr_grpo, seq_sum, delta-l:α, comma-separated."
 )
@@ -49,12 +49,17 @@ def main(argv: list[str]) -> None:
     from deltal_jax.analysis import measure  # after flag parsing: keeps --help fast
 
     config = _CONFIG.value if _CONFIG.value is not None else config_lib.base_config()
+    if _NUM_BATCHES.value < 3 or _REFERENCE.value < 2:
+        raise app.UsageError(
+            f"--num_batches={_NUM_BATCHES.value} must be at least 3 and --reference_batches="
+            f"{_REFERENCE.value} at least 2 (variances and their jackknife errors)."
+        )
     try:
         config_lib.validate(config)
         aggregators = parse_aggregators(_AGGREGATORS.value)
-    except ValueError as e:  # ConfigError is a ValueError
+        model, tokenizer, policy_dir = measure.load_policy(_POLICY.value, config, _CACHE.value)
+    except ValueError as e:  # also ConfigError; load_policy names what it accepts
         raise app.UsageError(str(e)) from None
-    model, tokenizer, policy_dir = measure.load_policy(_POLICY.value, config, _CACHE.value)
     print(f"Policy: {os.path.abspath(policy_dir)}")
     result = measure.measure_policy(
         model, tokenizer, config, aggregators, num_batches=_NUM_BATCHES.value,

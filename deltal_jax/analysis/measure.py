@@ -136,8 +136,8 @@ def load_policy(
 ) -> tuple[nnx.Module, Tokenizer, str]:
     """(model, tokenizer, directory) of `policy`: an HF-layout checkpoint directory, or
     "default" for the policy the trainer would start from with `config` (its
-    `model.hf_dir` if set, else the warmed-up tiny model, built once into
-    `<cache_dir>/warmup` by the trainer's own code, so it is the default run's model)."""
+    `model.hf_dir` if set, else the warmed-up tiny model, built once under `cache_dir`,
+    as the trainer builds it under its work directory, by the trainer's own code)."""
     from deltal_jax import train  # heavy; only needed here
 
     if policy == "default":
