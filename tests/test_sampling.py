@@ -7,7 +7,13 @@ import pytest
 
 from deltal_jax import sharding
 from deltal_jax.models import get_preset, init_model, load_model, response_logprobs
-from deltal_jax.sampling import SamplingConfig, filter_logits, generate
+from deltal_jax.sampling import (
+    SamplingConfig,
+    block_size,
+    categorical_two_level,
+    filter_logits,
+    generate,
+)
 
 CFG = get_preset("tiny")
 P, M, B = 8, 12, 4
@@ -97,6 +103,40 @@ def test_filter_logits_matches_numpy_top_k_top_p():
     assert np.all(np.isneginf(got[~keep]))
     ties = np.asarray(filter_logits(jnp.asarray(logits[1:]), SamplingConfig(1, top_k=4)))
     np.testing.assert_allclose(ties, logits[1:], rtol=1e-5)  # nothing removed, nothing moved
+
+
+@pytest.mark.parametrize(("vocab", "c"), [(1, 1), (96, 16), (1024, 32), (8192, 128), (151936, 512)])
+def test_block_size_is_the_power_of_two_at_or_above_sqrt_vocab(vocab, c):
+    assert block_size(vocab) == c
+
+
+def test_two_level_categorical_draws_each_token_with_its_probability():
+    """Empirical frequencies of 60,000 draws against p: V = 200 is cut into 13 blocks of 16
+    (the last padded), 30 tokens are filtered out (−inf) and one block is empty."""
+    v, n = 200, 60_000
+    rng = np.random.default_rng(0)
+    logits = 1.5 * rng.standard_normal(v)
+    logits[rng.choice(v, 30, replace=False)] = -np.inf
+    logits[32:48] = -np.inf  # block 2
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    draws = np.asarray(
+        jax.jit(categorical_two_level)(jax.random.key(0), jnp.broadcast_to(logp, (n, v)))
+    )
+    assert draws.min() >= 0 and draws.max() < v
+    p = np.exp(np.asarray(logp, np.float64))
+    counts = np.bincount(draws, minlength=v)
+    assert np.all(counts[p == 0] == 0)
+    # Pearson χ² over the 170 possible tokens: 169 degrees of freedom, mean 169, sd 18.4.
+    kept = p > 0
+    chi2 = np.sum((counts[kept] - n * p[kept]) ** 2 / (n * p[kept]))
+    assert chi2 < 169 + 5 * 18.4
+    # The bound has power: a sampler that picked the block uniformly (ignoring the block
+    # masses) would be expected to score far above it.
+    block_mass = np.pad(p, (0, 8)).reshape(13, 16).sum(-1)
+    mass_of_block = np.repeat(block_mass, 16)[:v]
+    wrong = np.divide(p, mass_of_block, out=np.zeros(v), where=mass_of_block > 0)
+    wrong /= np.count_nonzero(block_mass)
+    assert n * np.sum((wrong[kept] - p[kept]) ** 2 / p[kept]) > 10 * (169 + 5 * 18.4)
 
 
 def test_sharded_params_and_batch_give_the_same_sample(model, prompts):

@@ -1,9 +1,16 @@
 """Decoder-only transformer (Qwen2/2.5, Qwen3, Llama 3/3.1) in Flax NNX.
 
-Layers are stored stacked (every per-layer parameter has a leading [L] axis) and run with
+Layers are stored stacked (every per-layer parameter has a leading [L] axis). The
+teacher-forced forward (training, log-probs, the sampler's prefill) runs them with
 `lax.scan`, so compile time does not grow with depth and per-layer remat is one
-`jax.checkpoint`. The KV cache is an explicit pytree passed in and returned, which keeps the
-model a pure function of (params, inputs) under `jit`, `while_loop` and `shard_map`.
+`jax.checkpoint`. One-token decoding (`Decoder.decode_step`) unrolls them instead: inside the
+sampler's decode loop each layer's weights are then loop-invariant slices, which XLA hoists
+out of the loop, where a scan would dynamic-slice (copy) every layer's weights at every
+token, and each layer's KV cache is its own loop-carried buffer, updated in place. The price
+is a compile time linear in depth for the decode step and, while sampling, one copy of the
+layer weights (the hoisted slices). The KV cache is an explicit pytree passed in and
+returned, which keeps the model a pure function of (params, inputs) under `jit`,
+`while_loop` and `shard_map`.
 
 Shape names: B batch, T query length, S key length (cache slots), D hidden, H query heads,
 K key/value heads, G = H / K query heads per kv head, Dh head dim, F MLP width, V vocab,
@@ -26,15 +33,40 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked 
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer at every cache slot: k, v [L, B, S, K, Dh]."""
+    """Keys and values of each layer at every cache slot, laid out for one-token decoding:
+    k[l] [B, K, Dh, S], v[l] [B, K, S, Dh].
 
-    k: jax.Array
-    v: jax.Array
+    Keys are stored transposed so that q·kᵀ is a plain batched [G, Dh] @ [Dh, S] matmul
+    (with [S, Dh] keys XLA:CPU's batched dot ran 3-6× slower). One array per layer, not a
+    stacked [L, ...] one, so that a decode step writes its slot in place and attention reads
+    the layer's cache without slicing (copying) it out of a stack.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+    def from_prefill(cls, k: jax.Array, v: jax.Array, length: int) -> KVCache:
+        """The cache of `length` slots holding a prefill's keys/values k, v [L, B, T, K, Dh]
+        in slots 0..T-1 and zeros after them."""
+        t = k.shape[2]
+        if length < t:
+            raise ValueError(f"cache length {length} < the {t} prefilled tokens")
+        pad = length - t
+        ks = tuple(
+            constrain_cache(jnp.pad(k_l.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),)))
+            for k_l in k
+        )
+        vs = tuple(
+            constrain_cache(jnp.pad(v_l.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0))))
+            for v_l in v
+        )
+        return cls(ks, vs)
+
+
+def constrain_cache(x: jax.Array) -> jax.Array:
+    """A layer's cache, k [B, K, Dh, S] or v [B, K, S, Dh]: batch and kv heads split."""
+    return sharding.constrain(x, ("batch", "kv_heads", None, None))
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -127,16 +159,10 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
 
     def __call__(
-        self,
-        x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
-        mask: jax.Array,
-        kv: tuple[jax.Array, jax.Array] | None,
-        cache_index: jax.Array | int,
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x [B, T, D], mask [B, T, S]; kv: this layer's cache k, v [B, S, K, Dh] or None
-        (then S = T). The new keys/values are written at slots cache_index .. cache_index+T."""
+        """x [B, T, D], mask [B, T, T] → out [B, T, D] and this chunk's keys (after RoPE) and
+        values k, v [B, T, K, Dh], which the sampler's prefill puts in its cache."""
         cfg = self.cfg
         b, t, _ = x.shape
         kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -149,9 +175,6 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = sharding.constrain(q, ("batch", None, "heads", None))
         k = sharding.constrain(k, ("batch", None, "kv_heads", None))
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, 1)
         q = q.reshape(b, t, kh, g, dh)
         scores = jnp.einsum(
             "btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
@@ -162,6 +185,42 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype))
         out = self.o_proj(out.reshape(b * t, cfg.num_heads * dh)).reshape(b, t, -1)
         return out, (k, v)
+
+    def decode(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        key_mask: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        slot: jax.Array | int,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One token per row: x [B, D], cos, sin [B, Dh], key_mask [B, S] (the slots it may
+        see, its own included); k_cache [B, K, Dh, S], v_cache [B, K, S, Dh] → out [B, D] and
+        the caches with its key/value written at `slot`. The same arithmetic as `__call__`
+        with T = 1 against the cached keys."""
+        cfg = self.cfg
+        b = x.shape[0]
+        kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        q = self.q_proj(x).reshape(b, 1, cfg.num_heads, dh)
+        k = self.k_proj(x).reshape(b, 1, kh, dh)
+        v = self.v_proj(x).reshape(b, kh, 1, dh)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos[:, None], sin[:, None]).reshape(b, kh, g, dh)
+        k = apply_rope(k, cos[:, None], sin[:, None]).reshape(b, kh, dh, 1)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, 3)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, 2)
+        k_cache, v_cache = constrain_cache(k_cache), constrain_cache(v_cache)
+        scores = jnp.einsum(
+            "bkgd,bkds->bkgs", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        scores = scores * dh**-0.5
+        scores = jnp.where(key_mask[:, None, None, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(cfg.dtype))
+        return self.o_proj(out.reshape(b, cfg.num_heads * dh)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -192,19 +251,29 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index):
-        h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, cache_index)
+    def __call__(self, x, cos, sin, mask):
+        h, kv = self.attn(self.input_norm(x), cos, sin, mask)
         x = x + h
         x = x + self.mlp(self.post_attn_norm(x))
         return sharding.constrain(x, ("batch", None, "embed")), kv
+
+    def decode(self, x, cos, sin, key_mask, k_cache, v_cache, slot):
+        """`__call__` for one token per row, x [B, D], against this layer's cache."""
+        h, k_cache, v_cache = self.attn.decode(
+            self.input_norm(x), cos, sin, key_mask, k_cache, v_cache, slot
+        )
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return sharding.constrain(x, ("batch", "embed")), k_cache, v_cache
 
 
 class Decoder(nnx.Module):
     """Token ids → hidden states → logits.
 
     `__call__(tokens, valid)` is the plain teacher-forced forward. `hidden_states` and
-    `unembed` are the two halves, used by the sampler (with a KV cache) and by the log-prob
-    function (which unembeds in chunks to avoid a float32 [B, T, V] tensor).
+    `unembed` are the two halves, used by the sampler's prefill and by the log-prob function
+    (which unembeds in chunks to avoid a float32 [B, T, V] tensor); `decode_step` advances
+    one token per row against a `KVCache`.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -231,29 +300,45 @@ class Decoder(nnx.Module):
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
 
     def hidden_states(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache: KVCache | None = None,
-        cache_index: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """tokens, positions [B, T]; mask [B, T, S] → final-normed hidden [B, T, D] and the
-        cache with this chunk's keys/values written at slots cache_index .. cache_index+T."""
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, *, return_kv: bool = False
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """tokens, positions [B, T]; mask [B, T, T] → final-normed hidden [B, T, D] and, with
+        return_kv, every layer's keys (after RoPE) and values k, v [L, B, T, K, Dh]."""
         x = sharding.constrain(self.embed(tokens), ("batch", None, "embed"))
         cos, sin = rope_tables(self.cfg, positions)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer(x, state_and_kv):
-            state, kv = state_and_kv
-            x, kv = nnx.merge(graphdef, state)(x, cos, sin, mask, kv, cache_index)
-            return x, (kv if cache is not None else None)
+        def layer(x, state):
+            x, kv = nnx.merge(graphdef, state)(x, cos, sin, mask)
+            return x, (kv if return_kv else None)
 
         if self.cfg.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
-        kv = None if cache is None else (cache.k, cache.v)
-        x, kv = jax.lax.scan(layer, x, (layer_state, kv))
-        return self.final_norm(x), (None if cache is None else KVCache(*kv))
+        x, kv = jax.lax.scan(layer, x, layer_state)
+        return self.final_norm(x), kv
+
+    def decode_step(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        key_mask: jax.Array,
+        cache: KVCache,
+        slot: jax.Array | int,
+    ) -> tuple[jax.Array, KVCache]:
+        """One token per row: tokens, positions [B] int, written at cache slot `slot`;
+        key_mask [B, S] marks the slots it attends to (its own included) → final-normed
+        hidden [B, D] and the updated cache. The layers are unrolled (module docstring)."""
+        x = sharding.constrain(self.embed(tokens), ("batch", "embed"))
+        cos, sin = rope_tables(self.cfg, positions[:, None])
+        cos, sin = cos[:, 0], sin[:, 0]
+        graphdef, layer_state = nnx.split(self.layers)
+        ks, vs = [], []
+        for i in range(self.cfg.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], layer_state))
+            x, k, v = layer.decode(x, cos, sin, key_mask, cache.k[i], cache.v[i], slot)
+            ks.append(k)
+            vs.append(v)
+        return self.final_norm(x), KVCache(tuple(ks), tuple(vs))
 
     def unembed_matrix(self) -> jax.Array:
         """[D, V] in the compute dtype."""

@@ -1,0 +1,118 @@
+"""One-token decoding over the KV cache reproduces the teacher-forced forward: the hidden
+states and the cache it leaves behind equal those of one pass over the whole sequence."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deltal_jax.models import KVCache, attention_mask, get_preset, init_model, positions_from_mask
+
+TINY = get_preset("tiny")
+CONFIGS = {
+    "qwen2": TINY,  # qkv bias, tied embeddings
+    "qwen3": TINY.replace(model_type="qwen3", qkv_bias=False, qk_norm=True, tie_embeddings=False),
+}
+B, P, N = 3, 5, 4  # rows, prompt slots, decoded tokens
+
+
+@nnx.jit
+def _prefill_then_decode(model, tokens, valid):
+    """Prefills slots 0..P-1 of a P+N cache, then decodes slots P..P+N-1 one at a time →
+    (hidden of the decoded tokens [B, N, D], final cache)."""
+    positions = positions_from_mask(valid)
+    _, (k, v) = model.hidden_states(
+        tokens[:, :P],
+        positions[:, :P],
+        attention_mask(jnp.arange(P), valid[:, :P]),
+        return_kv=True,
+    )
+    cache = KVCache.from_prefill(k, v, P + N)
+    hidden = []
+    for slot in range(P, P + N):
+        key_mask = attention_mask(jnp.full((1,), slot), valid)[:, 0]
+        h, cache = model.decode_step(tokens[:, slot], positions[:, slot], key_mask, cache, slot)
+        hidden.append(h)
+    return jnp.stack(hidden, axis=1), cache
+
+
+@nnx.jit
+def _one_pass(model, tokens, valid):
+    """The teacher-forced pass over all P+N slots → (hidden [B, P+N, D], its full cache)."""
+    t = tokens.shape[1]
+    hidden, (k, v) = model.hidden_states(
+        tokens, positions_from_mask(valid), attention_mask(jnp.arange(t), valid), return_kv=True
+    )
+    return hidden, KVCache.from_prefill(k, v, t)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_decode_steps_leave_the_cache_and_hidden_states_of_one_full_pass(family):
+    model = init_model(CONFIGS[family], seed=1)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, P + N)), jnp.int32)
+    valid = np.ones((B, P + N), bool)
+    valid[1, :2] = False  # left padding
+    valid[2, 3:P] = False  # right-padded prompt: decoded tokens follow a gap
+    valid = jnp.asarray(valid)
+
+    hidden, cache = _prefill_then_decode(model, tokens, valid)
+    ref_hidden, ref_cache = _one_pass(model, tokens, valid)
+
+    np.testing.assert_allclose(hidden, ref_hidden[:, P:], atol=2e-5)
+    # Padding slots hold keys that no query sees: a padding query with nothing before it
+    # attends uniformly to every (masked) slot, so its garbage depends on the pass length.
+    assert len(cache.k) == len(cache.v) == TINY.num_layers
+    for got, want in zip(cache.k, ref_cache.k, strict=True):  # [B, K, Dh, S]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(
+            np.where(valid[:, None, None, :], got, 0),
+            np.where(valid[:, None, None, :], want, 0),
+            atol=2e-5,
+        )
+    for got, want in zip(cache.v, ref_cache.v, strict=True):  # [B, K, S, Dh]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(
+            np.where(valid[:, None, :, None], got, 0),
+            np.where(valid[:, None, :, None], want, 0),
+            atol=2e-5,
+        )
+
+
+def test_cache_layout_keys_transposed_values_not():
+    k = jnp.arange(2 * 3 * 4 * 5 * 6, dtype=jnp.float32).reshape(2, 3, 4, 5, 6)  # [L,B,T,K,Dh]
+    cache = KVCache.from_prefill(k, -k, 7)
+    assert cache.k[1].shape == (3, 5, 6, 7) and cache.v[1].shape == (3, 5, 7, 6)
+    # Layer 1, row 2, slot 3, head 4, dim 5 ends up at [2, 4, 5, 3] of k and [2, 4, 3, 5] of v.
+    assert cache.k[1][2, 4, 5, 3] == k[1, 2, 3, 4, 5]
+    assert cache.v[1][2, 4, 3, 5] == -k[1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(cache.k[0][..., 4:], 0)  # slots after the prefill
+    with pytest.raises(ValueError, match="cache length 3 < the 4 prefilled tokens"):
+        KVCache.from_prefill(k, k, 3)
+
+
+def test_decode_step_ignores_whatever_masked_cache_slots_hold():
+    """Slots the key mask excludes (future slots, padding) do not change the output, so the
+    zeros after the prefill and the keys of padding need no special treatment."""
+    model = init_model(TINY, seed=2)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, P)), jnp.int32)
+    valid = jnp.ones((B, P + 3), bool).at[0, 1].set(False)  # row 0: slot 1 is padding
+    _, (k, v) = model.hidden_states(
+        tokens,
+        positions_from_mask(valid[:, :P]),
+        attention_mask(jnp.arange(P), valid[:, :P]),
+        return_kv=True,
+    )
+    cache = KVCache.from_prefill(k, v, P + 3)
+    noisy = KVCache(  # slots after P and row 0's padding slot overwritten with large values
+        tuple(c.at[..., P + 1 :].set(1e3).at[0, ..., 1].set(-1e3) for c in cache.k),
+        tuple(c.at[:, :, P + 1 :].set(1e3).at[0, :, 1].set(-1e3) for c in cache.v),
+    )
+    key_mask = attention_mask(jnp.full((1,), P), valid)[:, 0]
+    step = nnx.jit(
+        lambda m, c: m.decode_step(jnp.ones(B, jnp.int32), jnp.full(B, P), key_mask, c, P)
+    )
+    clean, noisy = step(model, cache), step(model, noisy)
+    np.testing.assert_allclose(noisy[0], clean[0], atol=1e-6)
+    np.testing.assert_allclose(noisy[1].k[0][..., P], clean[1].k[0][..., P], atol=1e-6)
