@@ -116,8 +116,10 @@ class Checkpointer:
 
     `directory` may be local or `gs://`. Keeps the `max_to_keep` most recent steps.
     Every process of a multi-host run must call `save` and `restore` for the same steps;
-    the JSON items are written by process 0 only, which is right for the data state
-    because all hosts advance their iterators in lockstep (the state is a batch index).
+    each writes its own shards of the arrays and reads back the shards its devices need,
+    so a checkpoint restores on any number of processes and devices. The JSON items are
+    written by process 0 only and read by all, which is right for the data state because
+    all hosts advance their iterators in lockstep (the state is a batch index).
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 100):

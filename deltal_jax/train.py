@@ -12,6 +12,14 @@ Everything in `update_step` is a pure function of (params, optimiser state, batc
 `jax.jit`; shapes are static (prompts padded to `max_prompt_len`, responses to M), so one
 compilation serves the whole run. `train(config, workdir)` is importable, so the same
 code runs from the CLI (`deltal_jax.main`), a notebook or a test.
+
+Multi-host (JAX's multi-controller runtime: one process per host, all running this same
+loop): the mesh spans every process's devices and every process does the same host work
+on the same values, in lock-step. Each reads the whole global batch of prompts, builds
+the global device arrays from it (`to_global`: each process fills only its own devices),
+and gets the whole rollout back (`to_host`: an all-gather), so rewards, advantages and
+the global coefficients are computed identically everywhere. Process 0 alone writes the
+metrics, config.json, the plot and the warm-up model; checkpoints are collective.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,6 +48,7 @@ from deltal_jax import aggregation as agg
 from deltal_jax import checkpointing, metrics, sampling, sharding, warmup
 from deltal_jax import config as config_lib
 from deltal_jax import kl as kl_lib
+from deltal_jax.analysis.variance import variance_proxy
 from deltal_jax.data import CountdownSpec, generate_split, get_task, pad_prompt, prompt_dataset
 from deltal_jax.data import pipeline as data_pipeline
 from deltal_jax.data.builders import read_math_jsonl
@@ -60,39 +71,67 @@ def load_records(config: ml_collections.ConfigDict) -> tuple[list[dict], list[di
             max_target=d.max_target,
             test_fraction=d.test_fraction,
         )
-        train = generate_split("train", d.num_train, config.seed, spec)
-        held_out = generate_split("test", d.num_eval, config.seed + 1, spec)
+        train = generate_split("train", d.num_train, d.seed, spec)
+        held_out = generate_split("test", d.num_eval, d.seed + 1, spec)
         return train, held_out
     train = read_math_jsonl(d.jsonl_train)
     held_out = read_math_jsonl(d.jsonl_test or d.jsonl_train)[: d.num_eval]
     return train, held_out
 
 
+POLICY_DIR_TIMEOUT_S = 6 * 3600  # how long other processes wait for process 0's warm-up
+
+
 def prepare_policy_dir(
-    config, workdir: str, train_records: list[dict], evaluate_model: warmup.EvaluateFn
+    config, workdir: str, train_records: list[dict], evaluate_model: warmup.EvaluateFn | None
 ) -> str:
     """The HF-layout directory the policy loads from: a given checkpoint, the tiny
     warmed-up model the default run builds (once) in <workdir>/warmup, or a preset with
-    random weights (<workdir>/init)."""
+    random weights (<workdir>/init).
+
+    In a multi-process run only process 0 builds it (on its own devices: `evaluate_model`
+    must not use the global mesh) while the others wait; then every process loads it, so
+    the work directory must be on a file system all hosts share. The wait is a barrier of
+    the coordination service, not a device collective: a warm-up takes minutes, and the
+    first CPU (gloo) collective gives up after 30 s.
+    """
     if config.model.hf_dir:
         return config.model.hf_dir
     if config.model.preset != warmup.TINY_PRESET:
-        return warmup.build_random_model(
-            os.path.join(workdir, "init"), get_preset(config.model.preset), seed=config.seed
+        directory = os.path.join(workdir, "init")
+        build = functools.partial(
+            warmup.build_random_model, directory, get_preset(config.model.preset),
+            seed=config.seed,
+        )  # fmt: skip
+    else:
+        directory = os.path.join(workdir, "warmup")
+        if config.warmup.cache_dir:  # shared by every run with the same warm-up inputs
+            directory = warmup.cache_directory(config.warmup.cache_dir, {
+                "warmup": config.warmup.to_dict(), "data": config.data.to_dict(),
+                "eval": config.eval.to_dict(),
+                "max_prompt_len": config.rollout.max_prompt_len,
+                "max_response_len": config.rollout.max_response_len,
+            })  # fmt: skip
+        task = get_task(config.data.task)
+        build = functools.partial(
+            warmup.build_warm_model,
+            directory,
+            train_records,
+            lambda r: data_pipeline.render_prompt(task, r, config.data.template),
+            steps=config.warmup.steps,
+            batch_size=config.warmup.batch_size,
+            learning_rate=config.warmup.learning_rate,
+            seed=config.warmup.seed,
+            max_prompt_len=config.rollout.max_prompt_len,
+            num_examples=config.warmup.num_examples,
+            solution_format=config.warmup.solution_format,
+            evaluate=evaluate_model,
         )
-    task = get_task(config.data.task)
-    return warmup.build_warm_model(
-        os.path.join(workdir, "warmup"),
-        train_records[: config.warmup.num_examples],
-        lambda r: data_pipeline.render_prompt(task, r, config.data.template),
-        steps=config.warmup.steps,
-        batch_size=config.warmup.batch_size,
-        learning_rate=config.warmup.learning_rate,
-        seed=config.seed,
-        max_prompt_len=config.rollout.max_prompt_len,
-        max_response_len=config.rollout.max_response_len,
-        evaluate=evaluate_model,
-    )
+    if jax.process_index() == 0:
+        build()
+    barrier = ocp.multihost.get_barrier_sync_fn()  # a no-op in a single process
+    barrier(key=f"deltal_jax.train: {directory} written", timeout_ms=POLICY_DIR_TIMEOUT_S * 1000)
+    return directory
 
 
 def make_lr(config) -> optax.Schedule:
@@ -230,16 +269,68 @@ def sequence_logprobs(graphdef, params, prompt_ids, prompt_mask, resp_ids, resp_
 
 
 # --------------------------------------------------------------------------------------
+# Host ↔ device. Every process holds the same whole host batch (it reads every prompt of
+# the global batch and gets every response back), which costs each host the tokenising of
+# B prompts and an all-gather of the [B·G, M] rollout per step: small beside sampling, and
+# the rollout is needed whole anyway for group advantages and the global normalisers.
+# It also keeps the data order of a run independent of the number of processes. For
+# input pipelines too heavy to replicate, the scalable alternative is per-host shards
+# (`prompt_dataset(shard_index=jax.process_index(), ...)`) assembled with
+# `jax.make_array_from_process_local_data`; a step's prompts then depend on the host
+# count unless each host's shard is exactly the rows its devices hold.
+# --------------------------------------------------------------------------------------
+
+
+def to_global(x: np.ndarray, array_sharding: jax.sharding.Sharding) -> jax.Array:
+    """The global array holding `x`, a host value every process has whole: each process
+    fills only its own devices' slices (in one process, the same as `jax.device_put`)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, array_sharding, lambda index: x[index])
+
+
+def shard_rows(tree, mesh):
+    """Global arrays of a pytree of host arrays, rows split over the data axes."""
+    return jax.tree.map(lambda x: to_global(x, sharding.batch_sharding(mesh, np.ndim(x))), tree)
+
+
+def to_host(tree):
+    """Host NumPy copies of device arrays, whole on every process: arrays with shards on
+    other processes are all-gathered (a collective: every process must call this)."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def agree(x: np.ndarray, mesh) -> np.ndarray:
+    """Process 0's value of a host array, on every process of `mesh`.
+
+    Every process scores the same responses, but a verifier's time limit can expire on
+    one host and not on another; taking process 0's scores keeps the rewards, the
+    advantages and the loop's decisions (dynamic sampling) identical on all hosts, which
+    the global arrays built from them and the lock-step collectives rely on. A mesh of
+    one process's devices (one process, or the warm-up's evaluation) has nothing to agree.
+    """
+    if not mesh.is_multi_process:
+        return x
+    return np.asarray(multihost_utils.broadcast_one_to_all(x)).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
 # Rollouts and evaluation.
 # --------------------------------------------------------------------------------------
 
 
 def generate(graphdef, params, prompt_ids, prompt_mask, key, cfg, mesh):
-    """Samples responses on the mesh and returns them as host numpy arrays."""
-    batch = sharding.shard_batch({"ids": prompt_ids, "mask": prompt_mask}, mesh)
+    """Samples responses on the mesh and returns them as host numpy arrays (whole on
+    every process)."""
+    batch = shard_rows({"ids": prompt_ids, "mask": prompt_mask}, mesh)
     with jax.set_mesh(mesh):
         out = sampling.generate(nnx.merge(graphdef, params), batch["ids"], batch["mask"], key, cfg)
-    return jax.tree.map(np.asarray, out)
+    return to_host(out)
 
 
 def decode(tokenizer, out: sampling.SampleOutput) -> list[str]:
@@ -260,7 +351,7 @@ def evaluate(graphdef, params, eval_set, tokenizer, config, mesh, pool) -> dict[
                        cfg, mesh)  # fmt: skip
         scored = score_batch(decode(tokenizer, out), eval_set["metas"], eval_set["verifier"],
                              timeout_s=config.reward.timeout_s, pool=pool)  # fmt: skip
-        scores.append(scored.scores)
+        scores.append(agree(scored.scores, mesh))
         lengths.append(out.lengths)
     correct = np.stack(scores) >= 1.0  # [k, n]
     return {
@@ -299,9 +390,11 @@ def train(
 ) -> dict[str, float]:
     """Runs (or resumes) a training run in `workdir`; returns the last step's metrics."""
     config_lib.validate(config)
+    main_process = jax.process_index() == 0  # the one that writes files
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if main_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     r_cfg, G, B = config.rollout, config.rollout.group_size, config.rollout.prompts_per_step
     n_rows, M = B * G, config.rollout.max_response_len
 
@@ -321,9 +414,16 @@ def train(
     train_records, eval_records = load_records(config)
     pool = RewardPool(config.reward.num_workers)
 
-    def evaluate_model(model, tokenizer):  # the warm-up's before/after figures
+    # The warm-up's before/after figures. Only process 0 warms up, so in a multi-process
+    # run it evaluates on its own devices: the global mesh would wait for the others.
+    if jax.process_count() == 1:
+        warmup_mesh = mesh
+    else:
+        warmup_mesh = sharding.make_mesh((-1, 1, 1), devices=jax.local_devices())
+
+    def evaluate_model(model, tokenizer):
         eval_set = build_eval_set(eval_records, tokenizer, config)
-        return evaluate(*nnx.split(model), eval_set, tokenizer, config, mesh, pool)
+        return evaluate(*nnx.split(model), eval_set, tokenizer, config, warmup_mesh, pool)
 
     policy_dir = prepare_policy_dir(config, workdir, train_records, evaluate_model)
     tokenizer = load_tokenizer(policy_dir)
@@ -333,16 +433,19 @@ def train(
     )  # fmt: skip
     graphdef, params = nnx.split(model)
     tx = make_optimizer(config)
+    # Adam's moments sharded like the parameters they track (the partition rules match
+    # their paths); left to itself, init would replicate them on every device.
+    opt_shardings = sharding.param_shardings(jax.eval_shape(tx.init, params), mesh)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(params)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     kl_on = config.kl.beta > 0
     ref_params = jax.tree.map(jnp.copy, params) if kl_on else None
     task = get_task(config.data.task)
     verifier = config.reward.verifier or task.verifier
+    # Not sharded by process: every process reads the whole global batch (see to_global).
     dataset = prompt_dataset(
         train_records, config.data.task, encode=tokenizer.encode, pad_id=tokenizer.pad_id,
         max_prompt_len=r_cfg.max_prompt_len, batch_size=B, seed=config.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
         template=config.data.template,
     )  # fmt: skip
     data_iter = iter(dataset)
@@ -355,7 +458,8 @@ def train(
 
     # ---- Resume ----------------------------------------------------------------------------
     # Replicated on the mesh, so a restored key lands where the computations run.
-    rng = jax.device_put(jax.random.key(config.seed), NamedSharding(mesh, P()))
+    rng = jax.jit(functools.partial(jax.random.key, config.seed),
+                  out_shardings=NamedSharding(mesh, P()))()  # fmt: skip
     state = {"params": params, "opt_state": opt_state, "rng": rng}
     sync_every = config.rollout.sync_every
     if sync_every != 1:  # semi-online / offline: the sampler keeps its own copy
@@ -370,10 +474,11 @@ def train(
         data_iter.set_state(data_state)
         print(f"Resumed from step {extra['step']} in {workdir}")
     start = extra["step"]
-    writer = metrics.MetricWriter(
-        workdir, tensorboard=config.logging.tensorboard, console=config.logging.console,
-        wandb_project=config.logging.wandb_project or None, total_steps=config.total_steps,
-        config=config.to_dict(),
+    writer = metrics.MetricWriter(  # with no sinks on the other processes
+        workdir, tensorboard=main_process and config.logging.tensorboard, jsonl=main_process,
+        console=main_process and config.logging.console,
+        wandb_project=(main_process and config.logging.wandb_project) or None,
+        total_steps=config.total_steps, config=config.to_dict(),
     )  # fmt: skip
     preempted = checkpointing.install_preemption_handler()
     if start == 0:
@@ -414,14 +519,15 @@ def train(
                 metas = [m for m in data_pipeline.reward_metas(batch) for _ in range(G)]
                 scored = score_batch(decode(tokenizer, out), metas, verifier,
                                      timeout_s=config.reward.timeout_s, pool=pool)  # fmt: skip
+                scores = agree(scored.scores, mesh)
                 timings["reward"] += time.perf_counter() - t0
                 rollout = {
                     "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                     "resp_ids": out.tokens, "resp_mask": out.mask, "old_logp": out.logprobs,
-                    "lengths": out.lengths, "truncated": out.truncated, "score": scored.scores,
+                    "lengths": out.lengths, "truncated": out.truncated, "score": scores,
                 }  # fmt: skip
                 keep = (
-                    np.asarray(adv_lib.informative_groups(jnp.asarray(scored.scores), G))
+                    np.asarray(adv_lib.informative_groups(jnp.asarray(scores), G))
                     if r_cfg.dynamic_sampling
                     else np.ones(B, bool)
                 )
@@ -441,10 +547,11 @@ def train(
                 ))  # fmt: skip
             if kl_on:
                 t0 = time.perf_counter()
-                roll["ref_logp"] = np.asarray(sequence_logprobs(
-                    graphdef, ref_params, roll["prompt_ids"], roll["prompt_mask"],
-                    roll["resp_ids"], roll["resp_mask"], r_cfg.temperature,
-                ))  # fmt: skip
+                inputs = shard_rows([roll[k] for k in ("prompt_ids", "prompt_mask", "resp_ids",
+                                                       "resp_mask")], mesh)  # fmt: skip
+                with jax.set_mesh(mesh):
+                    ref_logp = sequence_logprobs(graphdef, ref_params, *inputs, r_cfg.temperature)
+                roll["ref_logp"] = to_host(ref_logp)
                 timings["reference"] = time.perf_counter() - t0
                 kl_tokens = kl_lib.kl_per_token(
                     jnp.asarray(roll["old_logp"]), jnp.asarray(roll["ref_logp"]), "k1"
@@ -491,12 +598,12 @@ def train(
                     rows = order[j * (n_rows // n_mini) : (j + 1) * (n_rows // n_mini)]
                     mb = {f: roll[f][rows].reshape(k_micro, micro, *roll[f].shape[1:])
                           for f in fields}  # fmt: skip
-                    mb = jax.device_put(mb, microbatch_sharding)
+                    mb = jax.tree.map(lambda x: to_global(x, microbatch_sharding), mb)
                     with jax.set_mesh(mesh):
                         state["params"], state["opt_state"], stats = update_step(
                             graphdef, tx, state["params"], state["opt_state"], mb, settings
                         )
-                    stats = jax.device_get(stats)
+                    stats = to_host(stats)
                     if not stats["finite"]:
                         extra["nonfinite_updates"] += 1
                         print(f"step {step}: non-finite loss or gradient, update skipped "
@@ -551,7 +658,7 @@ def train(
         writer.close()
         pool.close()
         preempted.uninstall()
-    if config.logging.plot:
+    if config.logging.plot and main_process:
         metrics.plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"))
     return last
 
@@ -566,6 +673,8 @@ def rollout_metrics(roll, rewards, G, M, config) -> dict[str, float]:
     delta_l = np.asarray(agg.response_coefficients(
         jnp.asarray(lengths), mode="delta-l", max_response_len=M, alpha=config.loss.alpha,
     ))  # fmt: skip
+    # The update's variance under Var(g_i) ∝ A_i² L_i (ALGORITHMS.md §1), from c, L and A.
+    proxy = variance_proxy(jnp.asarray(coef), jnp.asarray(lengths), roll["advantages"])
     return {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()),
@@ -580,4 +689,6 @@ def rollout_metrics(roll, rewards, G, M, config) -> dict[str, float]:
         "aggregation/coef_max_over_min": float(stats["coef_max_over_min"]),
         "aggregation/delta_l_weight_max": float(delta_l.max() * M * len(lengths)),
         "aggregation/delta_l_weight_min": float(delta_l.min() * M * len(lengths)),
+        "aggregation/variance_proxy": float(proxy["proxy"]),
+        "aggregation/variance_proxy_relative": float(proxy["relative"]),
     }

@@ -150,9 +150,11 @@ def prompt_dataset(
       prompt       [B] str, the rendered prompt text
       reward_meta  [B] str, JSON of the verifier's metadata (see `reward_metas`)
 
-    Host `shard_index` of `shard_count` (pass `jax.process_index()` and
+    Host `shard_index` of `shard_count` (e.g. `jax.process_index()` and
     `jax.process_count()`) reads records `shard_index::shard_count`, so hosts partition
-    the data. The last incomplete batch of a finite run is dropped to keep shapes static.
+    the data. The trainer does not shard: each of its processes reads the whole global
+    batch, so a run's data order does not depend on the number of hosts (train.py).
+    The last incomplete batch of a finite run is dropped to keep shapes static.
     `iter(dataset)` gives an iterator with `get_state()` / `set_state(state)`.
     """
     prompt_task = get_task(task)
