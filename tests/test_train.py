@@ -69,6 +69,14 @@ def test_two_steps_write_metrics_tensorboard_and_checkpoints(policy_dir, tmp_pat
         assert np.isfinite(rows[1][key]), key
     # ΔL is unbiased: Σ c_i = 1/M on every step.
     np.testing.assert_allclose(rows[1]["aggregation/coef_sum_times_m"], 1.0, rtol=1e-5)
+    # The online variance proxy Σ c_i² A_i² L_i is logged with its scale-free form
+    # proxy / (Σ c_i)², from the unscaled c_i (Σ c_i = 1/M here).
+    m = smoke_config(policy_dir).rollout.max_response_len
+    assert rows[1]["aggregation/variance_proxy"] >= 0  # 0 when every group ties
+    np.testing.assert_allclose(
+        rows[1]["aggregation/variance_proxy_relative"],
+        rows[1]["aggregation/variance_proxy"] * m**2, rtol=1e-4,
+    )  # fmt: skip
     assert final["eval/accuracy"] == rows[-1]["eval/accuracy"]
     assert os.listdir(os.path.join(workdir, "tb"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
