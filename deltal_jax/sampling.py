@@ -180,6 +180,7 @@ def generate_split(
     logps = jnp.zeros((b, m), jnp.float32).at[:, 0].set(logp)
     prompt_len = prompt_mask.sum(axis=1).astype(jnp.int32)  # RoPE position of response token 0
     init = (0, token, tokens, logps, is_eos(token), jnp.ones((b,), jnp.int32), cache)
+    weights = model.decode_weights()  # sliced here, once, not at every step
 
     def cond(carry):
         i, _, _, _, done, _, _ = carry
@@ -190,7 +191,7 @@ def generate_split(
         i, token, tokens, logps, done, lengths, cache = carry
         slot = p + i
         key_mask = attention_mask(jnp.full((1,), slot), key_valid)[:, 0]  # [B, S]
-        hidden, cache = model.decode_step(token, prompt_len + i, key_mask, cache, slot)
+        hidden, cache = model.decode_step(token, prompt_len + i, key_mask, cache, slot, weights)
         new, logp = sample_token(model.unembed(hidden), jax.random.fold_in(key, i + 1), config)
         new = jnp.where(done, config.pad_id, new)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i + 1, axis=1)

@@ -28,10 +28,13 @@ def _prefill_then_decode(model, tokens, valid):
         return_kv=True,
     )
     cache = KVCache.from_prefill(k, v, P + N)
+    weights = model.decode_weights()
     hidden = []
     for slot in range(P, P + N):
         key_mask = attention_mask(jnp.full((1,), slot), valid)[:, 0]
-        h, cache = model.decode_step(tokens[:, slot], positions[:, slot], key_mask, cache, slot)
+        h, cache = model.decode_step(
+            tokens[:, slot], positions[:, slot], key_mask, cache, slot, weights
+        )
         hidden.append(h)
     return jnp.stack(hidden, axis=1), cache
 
@@ -111,7 +114,9 @@ def test_decode_step_ignores_whatever_masked_cache_slots_hold():
     )
     key_mask = attention_mask(jnp.full((1,), P), valid)[:, 0]
     step = nnx.jit(
-        lambda m, c: m.decode_step(jnp.ones(B, jnp.int32), jnp.full(B, P), key_mask, c, P)
+        lambda m, c: m.decode_step(
+            jnp.ones(B, jnp.int32), jnp.full(B, P), key_mask, c, P, m.decode_weights()
+        )
     )
     clean, noisy = step(model, cache), step(model, noisy)
     np.testing.assert_allclose(noisy[0], clean[0], atol=1e-6)
