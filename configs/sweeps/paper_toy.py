@@ -9,7 +9,7 @@ seeds: 6 arms × 2 M × 3 seeds = 36 trials named like `dl_a0.75-M24-s1`. Everyt
 comes from the `toy` preset of configs/countdown_tiny.py. The summary reports final
 held-out Avg@k and Pass@k, best Avg@k, the monotonicity (Kendall's τ_b of Avg@k against
 step) and largest drop of each curve, as mean ± std over the seeds, and plots final Avg@k
-against α per M and the eval curves per arm.
+against α per M and the eval curves per arm. Results: docs/toy_reproduction/.
 """
 
 
