@@ -4,6 +4,11 @@ transformers' `generate` with its KV cache on the same weights, measured in this
 
     python -m benchmarks.sample                       # bench-small and bench-medium
     python -m benchmarks.sample --models=bench-small --no-hf
+
+`matmul_peak_gflops` doubles as a load gauge: on a shared machine it drops in proportion to
+the cores other processes hold (on the 2-core box ~180 idle, ~90 with one core taken). XLA
+and PyTorch suffer differently from contention (PyTorch's spinning threads far more), so
+`speedup_vs_hf` means something only from a run whose peak is the idle one.
 """
 
 from __future__ import annotations
