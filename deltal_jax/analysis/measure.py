@@ -274,19 +274,20 @@ def measure_policy(
         source = RolloutSource(graphdef, params, tokenizer, config, records, pool, seed)
 
         def draw(stream, index):
+            """A rollout batch (recorded in `seen`) and its per-response scores s_i."""
             batch = source.draw(stream, index)
             seen["rewards"].append(batch["rewards"])
             seen["lengths"].append(batch["lengths"])
             seen["zero_adv"].append(batch["advantages"] == 0)
-            return batch
-
-        reference = RunningMean()
-        for k in range(reference_batches):
-            batch = draw(REFERENCE_STREAM, k)
             scores = per_response_scores(
                 graphdef, params, batch["prompt_ids"], batch["prompt_mask"], batch["resp_ids"],
                 batch["resp_mask"], temperature=temp, chunk_rows=chunk_rows,
             )  # fmt: skip
+            return batch, scores
+
+        reference = RunningMean()
+        for k in range(reference_batches):
+            batch, scores = draw(REFERENCE_STREAM, k)
             reference.add(np.asarray(_mean_gradient(scores, jnp.asarray(batch["advantages"]))))
             if (k + 1) % 64 == 0 or k + 1 == reference_batches:
                 log(f"reference batch {k + 1}/{reference_batches}")
@@ -301,11 +302,7 @@ def measure_policy(
                    "grad_dev": []}  # fmt: skip
         proxies = np.zeros((num_batches, len(aggregators)))
         for k in range(num_batches):
-            batch = draw(MEASURE_STREAM, k)
-            scores = per_response_scores(
-                graphdef, params, batch["prompt_ids"], batch["prompt_mask"], batch["resp_ids"],
-                batch["resp_mask"], temperature=temp, chunk_rows=chunk_rows,
-            )  # fmt: skip
+            batch, scores = draw(MEASURE_STREAM, k)
             lengths, adv = jnp.asarray(batch["lengths"]), jnp.asarray(batch["advantages"])
             coef = coefficient_matrix(aggregators, lengths, m_len)  # [A, N]
             est, s_sq, g_dot_r, g_dev = jax.device_get(_batch_reductions(scores, adv, coef, r_dev))
