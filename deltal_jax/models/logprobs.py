@@ -3,7 +3,8 @@
 The vocabulary of real models is large (152k for Qwen), so a float32 [B, M, V] logits
 tensor and its gradient would dominate memory. The unembedding, log-softmax and gather run
 over chunks of the response under `jax.checkpoint`: the forward keeps only [B, C, V] alive
-at a time and the backward recomputes each chunk's logits instead of storing them.
+at a time and the backward recomputes each chunk's logits instead of storing them (a
+response that fits in one chunk is not recomputed).
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ def response_logprobs(
     hidden = hidden.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
     targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
     w = model.unembed_matrix()
-    stats = jax.checkpoint(_chunk_stats, static_argnums=(3,), prevent_cse=False)
+    # Recomputing the logits in the backward pass only saves memory when there are several
+    # chunks; for one chunk it would cost a second [B·M, D] x [D, V] matmul for nothing.
+    stats = _chunk_stats
+    if n_chunks > 1:
+        stats = jax.checkpoint(_chunk_stats, static_argnums=(3,), prevent_cse=False)
     logp, entropy = jax.lax.map(lambda xs: stats(*xs, w, temperature), (hidden, targets))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :m]
     keep = response_mask.astype(bool)
