@@ -30,6 +30,21 @@ def median_seconds(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) 
     return statistics.median(times)
 
 
+def median_seconds_and_peak(fn: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
+    """(median wall time of fn(), median matmul peak in FLOP/s), with the peak measured just
+    before each timed call so that both see the same machine: on a shared host the rate
+    drifts by ±15% over minutes, and a peak taken once would misstate the MFU of a long run.
+    One untimed warm-up call first."""
+    jax.block_until_ready(fn())
+    times, peaks = [], []
+    for _ in range(repeats):
+        peaks.append(matmul_peak_flops(repeats=3))
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), statistics.median(peaks)
+
+
 def compile_seconds(jitted, *args) -> tuple[Any, float]:
     """(compiled executable, seconds spent tracing + compiling) for jitted(*args)."""
     start = time.perf_counter()

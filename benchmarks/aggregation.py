@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks import train as train_benchmark
 from benchmarks._common import compile_seconds, emit, median_seconds
-from deltal_jax import aggregation
+from deltal_jax import aggregation, hostmem
 from deltal_jax.policy_loss import clipped_surrogate
 
 MODES = (
@@ -86,4 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()
     main()

@@ -18,7 +18,7 @@ from absl import logging
 
 from benchmarks._common import emit
 from deltal_jax import config as config_lib
-from deltal_jax import train
+from deltal_jax import hostmem, train
 
 PHASES = ("sample", "reward", "reference", "update", "other")
 
@@ -66,4 +66,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()
     main()

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks._common import compile_seconds, emit, hf_twin, matmul_peak_flops, median_seconds
+from deltal_jax import hostmem
 from deltal_jax.models import get_preset, init_model
 from deltal_jax.sampling import SamplingConfig, generate_split
 
@@ -105,4 +106,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()
     main()

@@ -2,7 +2,8 @@
 on 32 sequences of 160 tokens (32 prompt + 128 response), clipped-surrogate loss with
 `token-mean` and with `delta-l` aggregation, random advantages, old log-probs equal to the
 current ones. Figures: tokens/s and MFU = 6 · params · tokens/s / (float32 matmul peak
-measured in this process), against the same update in HF transformers + torch.optim.AdamW.
+measured in this process, just before each timed update), against the same update in HF
+transformers + torch.optim.AdamW.
 
     python -m benchmarks.train                          # bench-small and bench-medium
     python -m benchmarks.train --models=bench-medium --no-hf
@@ -25,8 +26,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks._common import compile_seconds, emit, hf_twin, matmul_peak_flops, median_seconds
-from deltal_jax import aggregation, policy_loss, sharding
+from benchmarks._common import (
+    compile_seconds,
+    emit,
+    hf_twin,
+    median_seconds,
+    median_seconds_and_peak,
+)
+from deltal_jax import aggregation, hostmem, policy_loss, sharding
 from deltal_jax.models import get_preset, init_model, response_logprobs
 
 
@@ -96,15 +103,15 @@ def _hf_seconds(model, batch, repeats: int) -> float | None:
 
 
 def _time_update(compiled, params, opt_state, data, repeats: int):
-    """(median seconds per update, params, opt_state): the state is threaded through the
-    repeats because the update donates its input buffers."""
+    """(median seconds per update, median matmul peak, params, opt_state): the state is
+    threaded through the repeats because the update donates its input buffers."""
     state = [params, opt_state]
 
     def step():
         state[0], state[1], loss = compiled(state[0], state[1], data)
         return loss
 
-    return median_seconds(step, repeats=repeats), *state
+    return *median_seconds_and_peak(step, repeats=repeats), *state
 
 
 def run(name: str, *, batch: int, prompt_len: int, response_len: int, repeats: int, hf: bool):
@@ -123,19 +130,18 @@ def run(name: str, *, batch: int, prompt_len: int, response_len: int, repeats: i
         )
     )(params, data)
     tokens = batch * (prompt_len + response_len)
-    peak = matmul_peak_flops()
     result = {"workload": "train", "model": name, "params": cfg.num_params(), "tokens": tokens}
     for mode in (aggregation.TOKEN_MEAN, aggregation.DELTA_L):
         update = make_update(graphdef, tx, mode=mode, max_response_len=response_len)
         compiled, compile_s = compile_seconds(update, params, opt_state, data)
-        seconds, params, opt_state = _time_update(compiled, params, opt_state, data, repeats)
+        seconds, peak, params, opt_state = _time_update(compiled, params, opt_state, data, repeats)
         result[mode] = {
             "tokens_per_s": tokens / seconds,
             "seconds": seconds,
             "compile_s": compile_s,
+            "matmul_peak_gflops": peak / 1e9,
             "mfu": 6 * cfg.num_params() * tokens / seconds / peak,
         }
-    result["matmul_peak_gflops"] = peak / 1e9
     hf_seconds = _hf_seconds(nnx.merge(graphdef, params), data, repeats) if hf else None
     if hf_seconds is not None:
         result["hf_tokens_per_s"] = tokens / hf_seconds
@@ -236,4 +242,5 @@ def main():
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()
     main()

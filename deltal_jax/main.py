@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deltal_jax import config as config_lib
+from deltal_jax import hostmem
 
 _EXPLICIT = ("coordinator_address", "num_processes", "process_id")
 
@@ -132,6 +133,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    hostmem.use_huge_pages()  # may re-execute this command: first, before JAX starts
     app.run(main)
 
 
