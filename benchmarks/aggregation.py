@@ -65,7 +65,13 @@ def main():
     args = parser.parse_args()
 
     train = train_benchmark.run(
-        "bench-medium", batch=32, prompt_len=32, response_len=128, repeats=5, hf=False
+        "bench-medium",
+        batch=32,
+        prompt_len=32,
+        response_len=128,
+        repeats=5,
+        hf=False,
+        scan_layers=False,
     )
     train_seconds = train[aggregation.DELTA_L]["seconds"]
     data = inputs(args.rows, args.cols)

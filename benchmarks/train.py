@@ -114,8 +114,17 @@ def _time_update(compiled, params, opt_state, data, repeats: int):
     return *median_seconds_and_peak(step, repeats=repeats), *state
 
 
-def run(name: str, *, batch: int, prompt_len: int, response_len: int, repeats: int, hf: bool):
-    cfg = get_preset(name)
+def run(
+    name: str,
+    *,
+    batch: int,
+    prompt_len: int,
+    response_len: int,
+    repeats: int,
+    hf: bool,
+    scan_layers: bool,
+):
+    cfg = get_preset(name, scan_layers=scan_layers)
     model = init_model(cfg, seed=0)
     data = _batch(cfg, batch, prompt_len, response_len)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -130,7 +139,13 @@ def run(name: str, *, batch: int, prompt_len: int, response_len: int, repeats: i
         )
     )(params, data)
     tokens = batch * (prompt_len + response_len)
-    result = {"workload": "train", "model": name, "params": cfg.num_params(), "tokens": tokens}
+    result = {
+        "workload": "train",
+        "model": name,
+        "params": cfg.num_params(),
+        "tokens": tokens,
+        "scan_layers": scan_layers,
+    }
     for mode in (aggregation.TOKEN_MEAN, aggregation.DELTA_L):
         update = make_update(graphdef, tx, mode=mode, max_response_len=response_len)
         compiled, compile_s = compile_seconds(update, params, opt_state, data)
@@ -207,6 +222,9 @@ def main():
     parser.add_argument("--response-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF reference")
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="lax.scan over the layers (default: unrolled)"
+    )
     parser.add_argument("--memory", action="store_true", help="AOT memory table instead")
     parser.add_argument("--meshes", default="8x1x1,4x2x1,2x4x1,1x8x1,1x4x2")
     args = parser.parse_args()
@@ -235,6 +253,7 @@ def main():
                 response_len=args.response_len,
                 repeats=args.repeats,
                 hf=args.hf,
+                scan_layers=args.scan_layers,
             )
             for name in args.models.split(",")
         ]

@@ -429,7 +429,7 @@ def train(
     tokenizer = load_tokenizer(policy_dir)
     model, _ = load_model(
         policy_dir, mesh=mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-        remat=config.model.remat,
+        remat=config.model.remat, scan_layers=config.model.scan_layers,
     )  # fmt: skip
     graphdef, params = nnx.split(model)
     tx = make_optimizer(config)

@@ -60,6 +60,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False  # recompute each layer's activations in the backward pass
+    scan_layers: bool = True  # lax.scan over the layers (False: unrolled, compiles slower)
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
