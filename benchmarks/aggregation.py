@@ -71,7 +71,7 @@ def main():
         response_len=128,
         repeats=5,
         hf=False,
-        scan_layers=False,
+        scan_layers=True,
     )
     train_seconds = train[aggregation.DELTA_L]["seconds"]
     data = inputs(args.rows, args.cols)

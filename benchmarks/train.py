@@ -223,7 +223,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF reference")
     parser.add_argument(
-        "--scan-layers", action="store_true", help="lax.scan over the layers (default: unrolled)"
+        "--unroll-layers",
+        dest="scan_layers",
+        action="store_false",
+        help="unroll the layer loop (ModelConfig.scan_layers=False) instead of lax.scan",
     )
     parser.add_argument("--memory", action="store_true", help="AOT memory table instead")
     parser.add_argument("--meshes", default="8x1x1,4x2x1,2x4x1,1x8x1,1x4x2")

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat = False
-    c.model.scan_layers = True  # False unrolls the layer loop: faster on CPU, slower to compile
+    c.model.scan_layers = True  # False unrolls the layer loop (compile time grows with depth)
 
     # Supervised warm-up of a freshly initialised model on generated solutions, so RL
     # starts from a policy that writes well-formed answers of varied length. Its
