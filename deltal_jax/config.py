@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
+    c.rollout.cache_phases = 4  # decode phases over a growing KV cache (sampling.py)
     c.rollout.sync_every = 1  # 1: online; s > 1: semi-online; 0: offline (never refreshed)
     c.rollout.dynamic_sampling = False  # DAPO: keep only groups with reward spread
     c.rollout.max_sampling_rounds = 4
@@ -263,7 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("data.jsonl_train", "", "a path to a JSONL file of {question, answer} lines")
     for field in ("total_steps", "rollout.prompts_per_step", "rollout.group_size",
                   "rollout.max_prompt_len", "rollout.max_response_len", "rollout.temperature",
-                  "optim.learning_rate", "ppo.epochs", "ppo.minibatches",
+                  "rollout.cache_phases", "optim.learning_rate", "ppo.epochs", "ppo.minibatches",
                   "checkpoint.every", "eval.every", "eval.num_samples", "eval.temperature",
                   "reward.timeout_s", "reward.num_workers", "data.num_eval"):  # fmt: skip
         _positive(config, field)

@@ -343,6 +343,7 @@ def evaluate(graphdef, params, eval_set, tokenizer, config, mesh, pool) -> dict[
     cfg = sampling.SamplingConfig(
         max_new_tokens=config.rollout.max_response_len, temperature=config.eval.temperature,
         eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+        cache_phases=config.rollout.cache_phases,
     )  # fmt: skip
     scores, lengths = [], []
     for j in range(k):
@@ -452,7 +453,7 @@ def train(
     eval_set = build_eval_set(eval_records, tokenizer, config)
     sample_cfg = sampling.SamplingConfig(
         max_new_tokens=M, temperature=r_cfg.temperature, top_k=r_cfg.top_k, top_p=r_cfg.top_p,
-        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, cache_phases=r_cfg.cache_phases,
     )  # fmt: skip
     settings = LossSettings.from_config(config)
 

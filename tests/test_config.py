@@ -40,6 +40,7 @@ BAD = [
     ("rollout.group_size", 0, r"rollout\.group_size=0 is invalid; accepted: a number > 0"),
     ("rollout.max_response_len", -3, r"max_response_len=-3 is invalid"),
     ("rollout.top_p", 1.5, r"rollout\.top_p=1\.5 .* a number in \(0, 1\]"),
+    ("rollout.cache_phases", 0, r"rollout\.cache_phases=0 is invalid; accepted: a number > 0"),
     ("ppo.minibatches", 3, r"ppo\.minibatches=3 .* a divisor of prompts_per_step × group_size"),
     ("ppo.microbatch_size", 48, r"ppo\.microbatch_size=48 .* a divisor of the mini-batch size"),
     ("optim.schedule", "step", r"optim\.schedule='step' .* constant, cosine, linear"),

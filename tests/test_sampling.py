@@ -13,6 +13,7 @@ from deltal_jax.sampling import (
     categorical_two_level,
     filter_logits,
     generate,
+    phase_ends,
 )
 
 CFG = get_preset("tiny")
@@ -89,6 +90,36 @@ def test_all_rows_done_exits_early_with_the_same_result(model, prompts):
     np.testing.assert_array_equal(out.tokens[:, 2:], 0)
     truncated = _greedy(model, prompts, m=3)
     assert np.all(truncated.truncated) and np.all(truncated.lengths == 3)
+
+
+@pytest.mark.parametrize("m,phases,ends", [(12, 4, [3, 6, 9, 12]), (10, 3, [4, 7, 10]),
+                                           (2, 4, [1, 2]), (5, 1, [5])])  # fmt: skip
+def test_phase_ends_split_the_response_evenly(m, phases, ends):
+    assert phase_ends(m, phases) == ends
+
+
+@pytest.mark.parametrize("eos", [(), (5, 9, 17)])
+def test_cache_phases_do_not_change_the_sample(model, prompts, eos):
+    """Phases change only how long the cache is while a token is fed, never what it sees:
+    the same draws with one phase (the whole P + M cache throughout) and with several."""
+    outs = [
+        generate(
+            model,
+            *prompts,
+            jax.random.key(4),
+            SamplingConfig(max_new_tokens=M, eos_ids=eos, cache_phases=n),
+        )  # fmt: skip
+        for n in (1, 3, M)
+    ]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.tokens, outs[0].tokens)
+        np.testing.assert_array_equal(out.lengths, outs[0].lengths)
+        np.testing.assert_allclose(out.logprobs, outs[0].logprobs, atol=1e-6)
+
+
+def test_bad_sampling_config_is_rejected():
+    with pytest.raises(ValueError, match="cache_phases=0; must be ≥ 1"):
+        SamplingConfig(max_new_tokens=4, cache_phases=0)
 
 
 def test_filter_logits_matches_numpy_top_k_top_p():

@@ -184,6 +184,7 @@ class RolloutSource:
             max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
             top_k=c.rollout.top_k, top_p=c.rollout.top_p,
             eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
+            cache_phases=c.rollout.cache_phases,
         )  # fmt: skip
         if len(self.records) < c.rollout.prompts_per_step:
             raise ValueError(

@@ -1,5 +1,5 @@
-"""One-token decoding over the KV cache reproduces the teacher-forced forward: the hidden
-states and the cache it leaves behind equal those of one pass over the whole sequence."""
+"""One-token decoding over the KV cache reproduces the teacher-forced forward: the logits
+and the cache it leaves behind equal those of one pass over the whole sequence."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +19,7 @@ B, P, N = 3, 5, 4  # rows, prompt slots, decoded tokens
 @nnx.jit
 def _prefill_then_decode(model, tokens, valid):
     """Prefills slots 0..P-1 of a P+N cache, then decodes slots P..P+N-1 one at a time →
-    (hidden of the decoded tokens [B, N, D], final cache)."""
+    (the logits after each decoded token [B, N, V], final cache)."""
     positions = positions_from_mask(valid)
     _, (k, v) = model.hidden_states(
         tokens[:, :P],
@@ -29,28 +29,28 @@ def _prefill_then_decode(model, tokens, valid):
     )
     cache = KVCache.from_prefill(k, v, P + N)
     weights = model.decode_weights()
-    hidden = []
+    logits = []
     for slot in range(P, P + N):
         key_mask = attention_mask(jnp.full((1,), slot), valid)[:, 0]
-        h, cache = model.decode_step(
+        step_logits, cache = model.decode_step(
             tokens[:, slot], positions[:, slot], key_mask, cache, slot, weights
         )
-        hidden.append(h)
-    return jnp.stack(hidden, axis=1), cache
+        logits.append(step_logits)
+    return jnp.stack(logits, axis=1), cache
 
 
 @nnx.jit
 def _one_pass(model, tokens, valid):
-    """The teacher-forced pass over all P+N slots → (hidden [B, P+N, D], its full cache)."""
+    """The teacher-forced pass over all P+N slots → (logits [B, P+N, V], its full cache)."""
     t = tokens.shape[1]
     hidden, (k, v) = model.hidden_states(
         tokens, positions_from_mask(valid), attention_mask(jnp.arange(t), valid), return_kv=True
     )
-    return hidden, KVCache.from_prefill(k, v, t)
+    return model.unembed(hidden), KVCache.from_prefill(k, v, t)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_decode_steps_leave_the_cache_and_hidden_states_of_one_full_pass(family):
+def test_decode_steps_leave_the_cache_and_logits_of_one_full_pass(family):
     model = init_model(CONFIGS[family], seed=1)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, P + N)), jnp.int32)
@@ -59,10 +59,10 @@ def test_decode_steps_leave_the_cache_and_hidden_states_of_one_full_pass(family)
     valid[2, 3:P] = False  # right-padded prompt: decoded tokens follow a gap
     valid = jnp.asarray(valid)
 
-    hidden, cache = _prefill_then_decode(model, tokens, valid)
-    ref_hidden, ref_cache = _one_pass(model, tokens, valid)
+    logits, cache = _prefill_then_decode(model, tokens, valid)
+    ref_logits, ref_cache = _one_pass(model, tokens, valid)
 
-    np.testing.assert_allclose(hidden, ref_hidden[:, P:], atol=2e-5)
+    np.testing.assert_allclose(logits, ref_logits[:, P:], atol=2e-5)
     # Padding slots hold keys that no query sees: a padding query with nothing before it
     # attends uniformly to every (masked) slot, so its garbage depends on the pass length.
     assert len(cache.k) == len(cache.v) == TINY.num_layers
@@ -92,6 +92,19 @@ def test_cache_layout_keys_transposed_values_not():
     np.testing.assert_array_equal(cache.k[0][..., 4:], 0)  # slots after the prefill
     with pytest.raises(ValueError, match="cache length 3 < the 4 prefilled tokens"):
         KVCache.from_prefill(k, k, 3)
+
+
+def test_grow_appends_empty_slots():
+    k = jnp.arange(2 * 3 * 4 * 5 * 6, dtype=jnp.float32).reshape(2, 3, 4, 5, 6) + 1
+    cache = KVCache.from_prefill(k, -k, 5)
+    grown, direct = cache.grow(9), KVCache.from_prefill(k, -k, 9)
+    assert grown.k[1].shape == (3, 5, 6, 9) and grown.v[1].shape == (3, 5, 9, 6)
+    for got, want in zip(grown.k + grown.v, direct.k + direct.v, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(grown.k[0][..., 5:], 0)
+    assert cache.grow(5) is cache
+    with pytest.raises(ValueError, match="cannot shrink a cache of 5 slots to 4"):
+        cache.grow(4)
 
 
 def test_decode_step_ignores_whatever_masked_cache_slots_hold():
