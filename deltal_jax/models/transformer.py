@@ -246,9 +246,19 @@ class MLP(nnx.Module):
         # but adds transpose-copies for the 3-D ones (train step 50% → 65% of peak).
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        h = swiglu(self.gate_proj(x), self.up_proj(x))
         h = sharding.constrain(h, ("batch", "mlp"))
         return self.down_proj(h).reshape(shape)
+
+
+@jax.checkpoint
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) · up, rematerialised: its backward keeps only gate and up and recomputes
+    the rest. Plain autodiff also saved three intermediates of silu, so the MLP's saved
+    activations shrink from six [B·T, F] arrays per layer to three (gate, up, and the
+    product as the input of down_proj); under `lax.scan` each is copied into a stacked
+    [L, B·T, F] buffer. The bench-medium update ran 5–6% faster (interleaved A/B)."""
+    return jax.nn.silu(gate) * up
 
 
 class DecoderLayer(nnx.Module):
