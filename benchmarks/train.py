@@ -35,6 +35,7 @@ from benchmarks._common import (
 )
 from deltal_jax import aggregation, hostmem, policy_loss, sharding
 from deltal_jax.models import get_preset, init_model, response_logprobs
+from deltal_jax.models.config import REMAT_POLICIES, ModelConfig
 
 
 def make_update(graphdef, tx, *, mode: str, max_response_len: int):
@@ -123,8 +124,9 @@ def run(
     repeats: int,
     hf: bool,
     scan_layers: bool,
+    remat: str,
 ):
-    cfg = get_preset(name, scan_layers=scan_layers)
+    cfg = get_preset(name, scan_layers=scan_layers, remat=remat)
     model = init_model(cfg, seed=0)
     data = _batch(cfg, batch, prompt_len, response_len)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -145,6 +147,7 @@ def run(
         "params": cfg.num_params(),
         "tokens": tokens,
         "scan_layers": scan_layers,
+        "remat": remat,
     }
     for mode in (aggregation.TOKEN_MEAN, aggregation.DELTA_L):
         update = make_update(graphdef, tx, mode=mode, max_response_len=response_len)
@@ -167,7 +170,7 @@ def run(
 def memory(name: str, mesh_shape, *, batch: int, prompt_len: int, response_len: int) -> dict:
     """Per-device GiB of one update of preset `name` (bf16 compute, fp32 params and AdamW
     moments, per-layer remat) on `mesh_shape`, from XLA's ahead-of-time memory analysis."""
-    cfg = get_preset(name, dtype="bfloat16", remat=True)
+    cfg = get_preset(name, dtype="bfloat16", remat="full")
     mesh = sharding.make_mesh(mesh_shape)
     tx = optax.adamw(1e-6, weight_decay=1e-4)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)
@@ -228,6 +231,12 @@ def main():
         action="store_false",
         help="unroll the layer loop (ModelConfig.scan_layers=False) instead of lax.scan",
     )
+    parser.add_argument(
+        "--remat",
+        default=ModelConfig.remat,
+        choices=REMAT_POLICIES,
+        help="what the backward pass recomputes of each layer (ModelConfig.remat)",
+    )
     parser.add_argument("--memory", action="store_true", help="AOT memory table instead")
     parser.add_argument("--meshes", default="8x1x1,4x2x1,2x4x1,1x8x1,1x4x2")
     args = parser.parse_args()
@@ -257,6 +266,7 @@ def main():
                 repeats=args.repeats,
                 hf=args.hf,
                 scan_layers=args.scan_layers,
+                remat=args.remat,
             )
             for name in args.models.split(",")
         ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import ml_collections
 
 from deltal_jax import advantages, aggregation, kl
-from deltal_jax.models.config import PRESETS
+from deltal_jax.models.config import PRESETS, REMAT_POLICIES
 from deltal_jax.policy_loss import VARIANTS
 from deltal_jax.warmup import SOLUTION_FORMATS, TINY_PRESET
 
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hf_dir = ""
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "dots"  # none | dots | full: what the backward pass recomputes per layer
     c.model.scan_layers = True  # False unrolls the layer loop (compile time grows with depth)
 
     # Supervised warm-up of a freshly initialised model on generated solutions, so RL
@@ -173,7 +173,7 @@ def paper_recipe() -> ml_collections.ConfigDict:
     c = base_config()
     c.total_steps = 300
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
     c.data.template = "base"
     c.rollout.prompts_per_step = 128
     c.rollout.group_size = 10
@@ -255,6 +255,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("model.preset", config.model.preset, ", ".join(presets))
     _one_of(config, "model.dtype", ("float32", "bfloat16", "float16"))
     _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
+    _one_of(config, "model.remat", REMAT_POLICIES)
     _one_of(config, "data.task", TASKS)
     _one_of(config, "data.template", TEMPLATES)
     _one_of(config, "warmup.solution_format", SOLUTION_FORMATS)

@@ -142,7 +142,7 @@ def _per_device_bytes(cfg, mesh_shape, batch=8, prompt_len=256, response_len=102
 
 @pytest.mark.slow  # three ahead-of-time compiles of a 36-layer model: ~30 s
 def test_aot_per_device_memory_of_qwen2_5_3b_falls_as_fsdp_grows():
-    cfg = get_preset("qwen2.5-3b", dtype="bfloat16", remat=True)
+    cfg = get_preset("qwen2.5-3b", dtype="bfloat16", remat="full")
     gib = {f: _per_device_bytes(cfg, (8 // f, f, 1)) / 2**30 for f in (1, 2, 8)}
     assert gib[1] > gib[2] > gib[8]
     # Unsharded, the float32 parameters and both Adam moments alone take 12 bytes per

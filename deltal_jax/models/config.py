@@ -19,6 +19,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
+REMAT_POLICIES = ("none", "dots", "full")  # ModelConfig.remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +60,15 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    # What the backward pass recomputes of each layer (REMAT_POLICIES): "dots" saves the
+    # matmul outputs and recomputes the rest (norms, RoPE, softmax, SwiGLU); "full" saves
+    # only the layer's input; "none" saves whatever autodiff keeps.
+    remat: str = "dots"
     scan_layers: bool = True  # lax.scan over the layers (False: unrolled, compiles slower)
 
     def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; accepted: {', '.join(REMAT_POLICIES)}")
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"model_type={self.model_type!r}; accepted: {sorted(ARCHITECTURES)}")
         if self.num_heads % self.num_kv_heads:
@@ -232,7 +238,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
-    """A preset by name, e.g. `get_preset("qwen2.5-3b", dtype="bfloat16", remat=True)`."""
+    """A preset by name, e.g. `get_preset("qwen2.5-3b", dtype="bfloat16", remat="full")`."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; accepted: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

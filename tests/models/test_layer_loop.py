@@ -1,5 +1,6 @@
-"""The layer loop's variants (scanned or unrolled, with or without per-layer remat) are
-the same function: equal logits, prefill keys/values and gradients."""
+"""The layer loop's variants (scanned or unrolled, each remat policy) are the same
+function: equal logits, prefill keys/values and gradients; the policies differ only in what
+the backward pass keeps."""
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,12 @@ def _outputs(cfg):
     return model(tokens, valid), kv, nnx.to_flat_state(grads)
 
 
-@pytest.mark.parametrize("scan_layers, remat", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize(
+    "scan_layers, remat",
+    [(False, "none"), (True, "dots"), (False, "dots"), (True, "full"), (False, "full")],
+)
 def test_layer_loop_variants_match_the_plain_scan(scan_layers, remat):
-    logits, kv, grads = _outputs(CFG)
+    logits, kv, grads = _outputs(CFG.replace(remat="none"))
     got_logits, got_kv, got_grads = _outputs(CFG.replace(scan_layers=scan_layers, remat=remat))
     np.testing.assert_allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_kv, kv, strict=True):
@@ -39,3 +43,22 @@ def test_layer_loop_variants_match_the_plain_scan(scan_layers, remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for (path, a), (_, b) in zip(got_grads, grads, strict=True):
         np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def _saved_floats(cfg):
+    """Floats the VJP of the forward keeps for the backward pass (weights included)."""
+    graphdef, params = nnx.split(init_model(cfg, seed=0))
+    tokens = jnp.zeros((2, 9), jnp.int32)
+    _, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p)(tokens), params)
+    return sum(leaf.size for leaf in jax.tree.leaves(vjp))
+
+
+def test_remat_policies_keep_less_and_less():
+    weights = sum(a.size for a in jax.tree.leaves(nnx.state(init_model(CFG, seed=0))))
+    saved = {r: _saved_floats(CFG.replace(remat=r)) - weights for r in ("none", "dots", "full")}
+    assert saved["none"] > saved["dots"] > saved["full"] > 0
+
+
+def test_unknown_remat_policy_is_rejected():
+    with pytest.raises(ValueError, match="remat='some'; accepted: none, dots, full"):
+        CFG.replace(remat="some")
