@@ -30,6 +30,23 @@ def median_seconds(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) 
     return statistics.median(times)
 
 
+def interleaved_median_seconds(
+    fns: dict[str, Callable[[], Any]], *, repeats: int = 5
+) -> dict[str, float]:
+    """Median wall time of each fn() over `repeats` rounds that call them in turn, after one
+    untimed call each: a comparison whose sides are timed minutes apart on a shared host
+    measures the host's drift as much as the code."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_seconds_and_peak(fn: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
     """(median wall time of fn(), median matmul peak in FLOP/s), with the peak measured just
     before each timed call so that both see the same machine: on a shared host the rate

@@ -1,6 +1,7 @@
 """`sample` workload (BENCHMARKS.md): 32 prompts of 32 random token ids, exactly 128 new
 tokens each (no EOS), temperature 1.0, KV cache. Figure: generated tokens/s, against HF
-transformers' `generate` with its KV cache on the same weights, measured in this process.
+transformers' `generate` with its KV cache on the same weights, the two timed in alternation in this
+process.
 
     python -m benchmarks.sample                       # bench-small and bench-medium
     python -m benchmarks.sample --models=bench-small --no-hf
@@ -19,7 +20,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks._common import compile_seconds, emit, hf_twin, matmul_peak_flops, median_seconds
+from benchmarks._common import (
+    compile_seconds,
+    emit,
+    hf_twin,
+    interleaved_median_seconds,
+    matmul_peak_flops,
+)
 from deltal_jax import hostmem
 from deltal_jax.models import get_preset, init_model
 from deltal_jax.sampling import SamplingConfig, generate_split
@@ -38,21 +45,7 @@ def run(name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int
     compiled, compile_s = compile_seconds(
         generate_split, graphdef, state, prompts, mask, key, config
     )
-    seconds = median_seconds(lambda: compiled(state, prompts, mask, key), repeats=repeats)
-    tokens = batch * new_tokens
-    peak = matmul_peak_flops()
-    result = {
-        "workload": "sample",
-        "model": name,
-        "params": cfg.num_params(),
-        "batch": batch,
-        "new_tokens": new_tokens,
-        "tokens_per_s": tokens / seconds,
-        "seconds": seconds,
-        "compile_s": compile_s,
-        "matmul_peak_gflops": peak / 1e9,
-        "mfu": 2 * cfg.num_params() * tokens / seconds / peak,
-    }
+    fns = {"jax": lambda: compiled(state, prompts, mask, key)}
     if hf and (twin := hf_twin(model)) is not None:
         import torch
 
@@ -72,10 +65,26 @@ def run(name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int
                     pad_token_id=0,
                 )
 
-        hf_seconds = median_seconds(hf_generate, repeats=max(1, repeats // 2))
+        fns["hf"] = hf_generate
+    seconds = interleaved_median_seconds(fns, repeats=repeats)
+    tokens = batch * new_tokens
+    peak = matmul_peak_flops()
+    result = {
+        "workload": "sample",
+        "model": name,
+        "params": cfg.num_params(),
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "tokens_per_s": tokens / seconds["jax"],
+        "seconds": seconds["jax"],
+        "compile_s": compile_s,
+        "matmul_peak_gflops": peak / 1e9,
+        "mfu": 2 * cfg.num_params() * tokens / seconds["jax"] / peak,
+    }
+    if "hf" in seconds:
         result |= {
-            "hf_tokens_per_s": tokens / hf_seconds,
-            "speedup_vs_hf": hf_seconds / seconds,
+            "hf_tokens_per_s": tokens / seconds["hf"],
+            "speedup_vs_hf": seconds["hf"] / seconds["jax"],
             "torch_threads": torch.get_num_threads(),
         }
     return result
