@@ -82,6 +82,11 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     """The log-probs [B, V] of the sampling distribution: softmax(z/τ) restricted to the top-k
     tokens and to the smallest set whose probability reaches top_p, renormalised; removed
     tokens get −inf."""
+    return jax.nn.log_softmax(_tempered_and_filtered(logits, config), axis=-1)
+
+
+def _tempered_and_filtered(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """`filter_logits` before its normalisation: z/τ with −inf on the removed tokens."""
     z = logits.astype(jnp.float32) / config.temperature
     if config.top_k:
         kth = jax.lax.top_k(z, config.top_k)[0][:, -1:]
@@ -93,7 +98,7 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
         # The smallest logit still kept: the last one whose preceding mass is below top_p.
         threshold = jnp.min(jnp.where(mass_before < config.top_p, z_sorted, jnp.inf), axis=-1)
         z = jnp.where(z < threshold[:, None], -jnp.inf, z)
-    return jax.nn.log_softmax(z, axis=-1)
+    return z
 
 
 def phase_ends(m: int, phases: int) -> list[int]:
@@ -109,40 +114,43 @@ def block_size(vocab_size: int) -> int:
     return 1 << max(0, int(np.ceil(np.sqrt(vocab_size))) - 1).bit_length()
 
 
-def categorical_two_level(key: jax.Array, logp: jax.Array) -> jax.Array:
-    """One exact draw per row from the categorical with log-probs logp [B, V] (−inf allowed,
-    not all of a row), by Gumbel-max in two levels.
+def categorical_two_level(key: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One exact draw per row from softmax(logits) for logits [B, V] (−inf allowed, not all
+    of a row), by Gumbel-max in two levels → (token [B] int32, log Σ_t exp(logits_t) [B]).
 
     The vocabulary is cut into blocks of C = `block_size(V)` tokens (the last one padded
     with −inf). A block j is drawn with probability P(j) = Σ_{t∈j} p_t by Gumbel-max over
-    the block log-masses ℓ_j = logsumexp_{t∈j} log p_t, then a token within it with
-    probability p_t / P(j) by Gumbel-max over its log-probs (a shift by ℓ_j does not move
-    the argmax). P(j)·p_t/P(j) = p_t, and the two draws use independent noise, so the token
-    is distributed exactly as `jax.random.categorical(key, logp)`, but from B·(V/C + C)
-    Gumbel variates instead of B·V.
+    the block log-masses ℓ_j = logsumexp_{t∈j} logits_t, then a token within it with
+    probability p_t / P(j) by Gumbel-max over its logits (a shift by ℓ_j does not move the
+    argmax). P(j)·p_t/P(j) = p_t, and the two draws use independent noise, so the token is
+    distributed exactly as `jax.random.categorical(key, logits)`, but from B·(V/C + C)
+    Gumbel variates instead of B·V. The log-normaliser logsumexp_j ℓ_j comes with the block
+    masses, so the sampler never normalises the whole [B, V] row.
     """
-    b, v = logp.shape
+    b, v = logits.shape
     c = block_size(v)
     n = -(-v // c)
-    blocks = jnp.pad(logp, ((0, 0), (0, n * c - v)), constant_values=-jnp.inf).reshape(b, n, c)
+    blocks = jnp.pad(logits, ((0, 0), (0, n * c - v)), constant_values=-jnp.inf)
+    blocks = blocks.reshape(b, n, c)
     key_block, key_token = jax.random.split(key)
     block_logmass = jax.nn.logsumexp(blocks, axis=-1)  # [B, n]
     block = jnp.argmax(block_logmass + jax.random.gumbel(key_block, (b, n)), axis=-1)
     within = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, C]
     offset = jnp.argmax(within + jax.random.gumbel(key_token, (b, c)), axis=-1)
-    return (block * c + offset).astype(jnp.int32)
+    return (block * c + offset).astype(jnp.int32), jax.nn.logsumexp(block_logmass, axis=-1)
 
 
 def sample_token(
     logits: jax.Array, key: jax.Array, config: SamplingConfig
 ) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row from logits [B, V] → (token [B] int32, log μ(token) [B])."""
-    logp = filter_logits(logits, config)
+    z = _tempered_and_filtered(logits, config)
     if config.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        log_normaliser = jax.nn.logsumexp(z, axis=-1)
     else:
-        token = categorical_two_level(key, logp)
-    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        token, log_normaliser = categorical_two_level(key, z)
+    return token, jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0] - log_normaliser
 
 
 def generate(
@@ -198,7 +206,7 @@ def generate_split(
     logps = jnp.zeros((b, m), jnp.float32).at[:, 0].set(logp)
     prompt_len = prompt_mask.sum(axis=1).astype(jnp.int32)  # RoPE position of response token 0
     init = (0, token, tokens, logps, is_eos(token), jnp.ones((b,), jnp.int32), cache)
-    weights = model.decode_weights()  # sliced here, once, not at every step
+    weights = model.decode_weights(p + m)  # sliced here, once, not at every step
 
     def body(carry):
         # Feed token i (slot P+i) and draw token i+1.

@@ -150,9 +150,13 @@ def test_two_level_categorical_draws_each_token_with_its_probability():
     logits[rng.choice(v, 30, replace=False)] = -np.inf
     logits[32:48] = -np.inf  # block 2
     logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
-    draws = np.asarray(
-        jax.jit(categorical_two_level)(jax.random.key(0), jnp.broadcast_to(logp, (n, v)))
+    # Unnormalised logits (shifted by 7): the draw does not depend on the shift, and the
+    # log-normaliser it returns is the shift back.
+    draws, log_normaliser = jax.jit(categorical_two_level)(
+        jax.random.key(0), jnp.broadcast_to(logp + 7.0, (n, v))
     )
+    np.testing.assert_allclose(log_normaliser, 7.0, atol=1e-5)
+    draws = np.asarray(draws)
     assert draws.min() >= 0 and draws.max() < v
     p = np.exp(np.asarray(logp, np.float64))
     counts = np.bincount(draws, minlength=v)

@@ -92,13 +92,21 @@ class KVCache(NamedTuple):
 
 
 class DecodeWeights(NamedTuple):
-    """The weights one-token decoding reads (`Decoder.decode_weights`): per layer, a nested
-    dict with the structure of `nnx.state(Decoder.layers)`, sliced out of the stacked [L, ...]
-    parameters with every projection kernel transposed to [out, in]; and the unembedding
-    matrix [V, D] (the embedding itself when tied)."""
+    """What one-token decoding reads (`Decoder.decode_weights`): per layer, a nested dict
+    with the structure of `nnx.state(Decoder.layers)`, sliced out of the stacked [L, ...]
+    parameters with every projection kernel transposed to [out, in]; the unembedding matrix
+    [V, D] (the embedding itself when tied); and the RoPE tables cos, sin [Dh, N] of
+    positions 0..N-1, from which each step gathers its rows' columns.
+
+    The tables are computed once, before the decode loop, because XLA fuses a cos/sin
+    computed inside the step into every consumer: each layer's q and k fusions recomputed
+    them per element (8× per value for q on bench-medium; in a profile the q fusions took
+    1.0 ms of a 24 ms step, 0.2 ms with the tables)."""
 
     layers: tuple[dict, ...]
     unembed: jax.Array
+    rope_cos: jax.Array
+    rope_sin: jax.Array
 
 
 def constrain_cache(x: jax.Array) -> jax.Array:
@@ -355,10 +363,16 @@ def _project(w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
 
 
 def _rms_norm_features(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """`rms_norm` of feature-major x [D, B]: the statistics over axis 0."""
+    """`rms_norm` of feature-major x [..., D, B]: the statistics over axis -2."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-2, keepdims=True) + eps)
     return y.astype(x.dtype) * scale.astype(x.dtype)[:, None]
+
+
+def _rope_features(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`apply_rope` of feature-major x [n, Dh, B] by cos, sin [Dh, B]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=1)
+    return (x * cos + jnp.concatenate([-x2, x1], axis=1) * sin).astype(x.dtype)
 
 
 def decode_layer(
@@ -373,29 +387,33 @@ def decode_layer(
     slot: jax.Array | int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`DecoderLayer` for one token per row against this layer's cache: x [D, B] (feature-
-    major, see below), cos, sin [B, Dh], key_mask [B, S] (the slots it may see, its own
+    major, see below), cos, sin [Dh, B], key_mask [B, S] (the slots it may see, its own
     included), k_cache [B, K, Dh, S], v_cache [B, K, S, Dh], w one entry of
-    `Decoder.decode_weights()` → x [D, B] and the caches with its key/value written at
-    `slot`. The same arithmetic as the teacher-forced layer (tests/models/test_decode.py
+    `Decoder.decode_weights(n).layers` → x [D, B] and the caches with its key/value written
+    at `slot`. The same arithmetic as the teacher-forced layer (tests/models/test_decode.py
     checks it against one full pass).
 
-    The residual stream is kept feature-major, every projection a [out, in] @ [in, B]
-    matmul: with 32 rows XLA:CPU ran that form 1.4× as fast as [B, in] @ [in, out]
-    (bench-medium shapes, 95 → 146 GFLOP/s for q, 103 → 140 for the MLP's gate). Only the
-    attention, whose operands are small next to the cache it reads, works per row.
+    Everything but the attention's two cache products is feature-major: every projection,
+    the attention output's included, is a [out, in] @ [in, B] matmul (with 32 rows XLA:CPU
+    ran that form 1.4× as fast as [B, in] @ [in, out] at bench-medium shapes, 95 → 146
+    GFLOP/s for q, 103 → 140 for the MLP's gate), and q/k norms and RoPE work on [n, Dh, B]
+    heads. The attention, whose operands are small next to the cache it reads, works per
+    row: q, k and v are transposed into it, its output out of it.
     """
     b = x.shape[1]
     kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     eps = cfg.rms_norm_eps
     a = w["attn"]
     h = _rms_norm_features(x, w["input_norm"]["scale"], eps).astype(cfg.dtype)
-    q = _project(a["q_proj"], h).T.reshape(b, 1, cfg.num_heads, dh)
-    k = _project(a["k_proj"], h).T.reshape(b, 1, kh, dh)
-    v = _project(a["v_proj"], h).T.reshape(b, kh, 1, dh)
-    if cfg.qk_norm:
-        q, k = rms_norm(q, a["q_norm"]["scale"], eps), rms_norm(k, a["k_norm"]["scale"], eps)
-    q = apply_rope(q, cos[:, None], sin[:, None]).reshape(b, kh, g, dh)
-    k = apply_rope(k, cos[:, None], sin[:, None]).reshape(b, kh, dh, 1)
+    q = _project(a["q_proj"], h).reshape(cfg.num_heads, dh, b)
+    k = _project(a["k_proj"], h).reshape(kh, dh, b)
+    v = _project(a["v_proj"], h).reshape(kh, dh, b)
+    if cfg.qk_norm:  # Qwen3 normalises each head before RoPE
+        q = _rms_norm_features(q, a["q_norm"]["scale"], eps)
+        k = _rms_norm_features(k, a["k_norm"]["scale"], eps)
+    q = _rope_features(q, cos, sin).reshape(kh, g, dh, b).transpose(3, 0, 1, 2)  # [B, K, G, Dh]
+    k = _rope_features(k, cos, sin).transpose(2, 0, 1)[..., None]  # [B, K, Dh, 1]
+    v = v.transpose(2, 0, 1)[:, :, None]  # [B, K, 1, Dh]
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, 3)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, 2)
     k_cache, v_cache = constrain_cache(k_cache), constrain_cache(v_cache)
@@ -406,8 +424,9 @@ def decode_layer(
     scores = jnp.where(key_mask[:, None, None, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
     out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(cfg.dtype))
-    out = out.reshape(b, cfg.num_heads * dh)  # back to feature-major through the product
-    x = x + jnp.einsum("oi,bi->ob", a["o_proj"]["kernel"], out)
+    # Feature-major before o_proj: as "oi,bi->ob" the product ran at half the rate.
+    out = out.transpose(1, 2, 3, 0).reshape(cfg.num_heads * dh, b)
+    x = x + _project(a["o_proj"], out)
     m = w["mlp"]
     h = _rms_norm_features(x, w["post_attn_norm"]["scale"], eps).astype(cfg.dtype)
     h = jax.nn.silu(_project(m["gate_proj"], h)) * _project(m["up_proj"], h)
@@ -473,8 +492,10 @@ class Decoder(nnx.Module):
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if return_kv else None
         return self.final_norm(x), kv
 
-    def decode_weights(self) -> DecodeWeights:
-        """The weights in decode layout (`DecodeWeights`), cast to the compute dtype.
+    def decode_weights(self, num_positions: int) -> DecodeWeights:
+        """The weights in decode layout (`DecodeWeights`), cast to the compute dtype, with
+        RoPE tables for positions 0..num_positions-1 (a decode step at a position past them
+        gets NaN logits).
 
         The sampler computes them once, before its decode loop: slices taken inside the loop
         were recomputed at every token. [out, in] kernels are what the feature-major decode
@@ -492,7 +513,8 @@ class Decoder(nnx.Module):
             jax.tree_util.tree_map_with_path(lambda path, a, i=i: layout(path, a[i]), state)
             for i in range(self.cfg.num_layers)
         )
-        return DecodeWeights(layers, self.unembed_matrix().T)
+        cos, sin = rope_tables(self.cfg, jnp.arange(num_positions)[None])
+        return DecodeWeights(layers, self.unembed_matrix().T, cos[0].T, sin[0].T)
 
     def decode_step(
         self,
@@ -505,12 +527,13 @@ class Decoder(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """One token per row: tokens, positions [B] int, written at cache slot `slot`;
         key_mask [B, S] marks the slots it attends to (its own included); weights from
-        `decode_weights()` → float32 logits [B, V] of the next token and the updated cache.
+        `decode_weights(n)` with n > every position → float32 logits [B, V] of the next
+        token and the updated cache.
         The layers are unrolled (module docstring), the activations feature-major
         (`decode_layer`)."""
         x = sharding.constrain(self.embed(tokens).T, ("embed", "batch"))
-        cos, sin = rope_tables(self.cfg, positions[:, None])
-        cos, sin = cos[:, 0], sin[:, 0]
+        cos = jnp.take(weights.rope_cos, positions, axis=1, mode="fill", fill_value=jnp.nan)
+        sin = jnp.take(weights.rope_sin, positions, axis=1, mode="fill", fill_value=jnp.nan)
         ks, vs = [], []
         for w, k, v in zip(weights.layers, cache.k, cache.v, strict=True):
             x, k, v = decode_layer(self.cfg, w, x, cos, sin, key_mask, k, v, slot)

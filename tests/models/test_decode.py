@@ -28,7 +28,7 @@ def _prefill_then_decode(model, tokens, valid):
         return_kv=True,
     )
     cache = KVCache.from_prefill(k, v, P + N)
-    weights = model.decode_weights()
+    weights = model.decode_weights(P + N)
     logits = []
     for slot in range(P, P + N):
         key_mask = attention_mask(jnp.full((1,), slot), valid)[:, 0]
@@ -128,9 +128,27 @@ def test_decode_step_ignores_whatever_masked_cache_slots_hold():
     key_mask = attention_mask(jnp.full((1,), P), valid)[:, 0]
     step = nnx.jit(
         lambda m, c: m.decode_step(
-            jnp.ones(B, jnp.int32), jnp.full(B, P), key_mask, c, P, m.decode_weights()
+            jnp.ones(B, jnp.int32), jnp.full(B, P), key_mask, c, P, m.decode_weights(P + 1)
         )
     )
     clean, noisy = step(model, cache), step(model, noisy)
     np.testing.assert_allclose(noisy[0], clean[0], atol=1e-6)
     np.testing.assert_allclose(noisy[1].k[0][..., P], clean[1].k[0][..., P], atol=1e-6)
+
+
+def test_decode_step_past_its_rope_table_gives_nan_not_a_wrong_position():
+    """`decode_weights(n)` holds RoPE angles for positions < n; a step at position n must
+    not silently reuse another position's angles (a clamped gather would)."""
+    model = init_model(TINY, seed=3)
+    kv = jnp.zeros((TINY.num_layers, B, P, TINY.num_kv_heads, TINY.head_dim))
+    cache = KVCache.from_prefill(kv, kv, P + 1)
+    key_mask = jnp.ones((B, P + 1), bool)
+    positions = jnp.array([P - 1, P, P - 1])  # row 1 is past a table of P positions
+    logits, _ = nnx.jit(
+        lambda m: m.decode_step(
+            jnp.ones(B, jnp.int32), positions, key_mask, cache, P, m.decode_weights(P)
+        )
+    )(model)
+    logits = np.asarray(logits)
+    assert np.isnan(logits[1]).all()
+    assert np.isfinite(logits[[0, 2]]).all()
