@@ -313,11 +313,54 @@ class Attention(nnx.Module):
         values = v.astype(cfg.dtype).transpose(0, 2, 1, 3).reshape(b * kh, t, dh)
         scores = jnp.einsum("nqd,nsd->nqs", q, keys, preferred_element_type=jnp.float32)
         scores = scores.reshape(b, kh, t * g, t) * dh**-0.5 + _mask_bias(mask, g)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype).reshape(b * kh, t * g, t)
-        out = jnp.einsum("nqs,nsd->nqd", probs, values)
+        out = softmax_attend(scores.reshape(b * kh, t * g, t), values)
         out = out.reshape(b, kh, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b * t, -1)
         out = self.o_proj(out).reshape(b, t, -1)
         return out, (k, v)
+
+
+@jax.custom_vjp
+def softmax_attend(scores: jax.Array, values: jax.Array) -> jax.Array:
+    """softmax(scores) @ values: scores [N, Q, S] float32 (scaled and masked), values
+    [N, S, Dh] → [N, Q, Dh] in values' dtype.
+
+    The gradient is written out, flash-attention style: the backward pass recomputes the
+    probabilities from the saved scores and their row max and sum, and takes the softmax's
+    Jacobian-vector product as p · (dp − Σ_d dout·out), a reduction over Dh instead of
+    autodiff's reduction of p · dp over S. On the bench-medium update (XLA:CPU) it ran
+    2-4% faster by median over three interleaved A/Bs of 7-9 rounds (8.32 vs 8.69 s,
+    8.49 vs 8.65 s, 8.13 vs 8.50 s), with slightly fewer temporaries (1.64 vs
+    1.65 GiB); on bench-small the two were even within the noise. The primal is the
+    forward rule's output, so log-probs taken without a gradient (behaviour, reference)
+    equal those inside the update bit for bit.
+    """
+    return _softmax_attend_fwd(scores, values)[0]
+
+
+def _softmax_probs(scores, row_max, row_sum):
+    return jnp.exp(scores - row_max) / row_sum
+
+
+def _softmax_attend_fwd(scores, values):
+    # Max and sum kept apart, not folded into a log-sum-exp: next to a masked row's scores
+    # (≈ −2.4e38) log(S) is below float32's resolution, and exp(s − lse) would sum to S.
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_sum = jnp.sum(jnp.exp(scores - row_max), axis=-1, keepdims=True)
+    probs = _softmax_probs(scores, row_max, row_sum).astype(values.dtype)
+    out = jnp.einsum("nqs,nsd->nqd", probs, values)
+    return out, (scores, row_max, row_sum, values, out)
+
+
+def _softmax_attend_bwd(residuals, dout):
+    scores, row_max, row_sum, values, out = residuals
+    probs = _softmax_probs(scores, row_max, row_sum)
+    dvalues = jnp.einsum("nqs,nqd->nsd", probs.astype(dout.dtype), dout)
+    dprobs = jnp.einsum("nqd,nsd->nqs", dout, values, preferred_element_type=jnp.float32)
+    row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    return (probs * (dprobs - row)).astype(scores.dtype), dvalues.astype(values.dtype)
+
+
+softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
 
 
 class MLP(nnx.Module):
