@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hf_dir = ""
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.remat = "dots"  # none | dots | full: what the backward pass recomputes per layer
+    c.model.remat = "projections"  # none | dots | projections | full (ModelConfig.remat)
     c.model.scan_layers = True  # False unrolls the layer loop (compile time grows with depth)
 
     # Supervised warm-up of a freshly initialised model on generated solutions, so RL

@@ -34,7 +34,11 @@ BAD = [
     ("kl.placement", "advantage", r"Unknown KL placement 'advantage'"),
     ("model.preset", "gpt5", r"model\.preset='gpt5' is invalid; accepted: countdown-tiny, "),
     ("model.dtype", "float64", r"model\.dtype='float64' .* float32, bfloat16, float16"),
-    ("model.remat", "some", r"model\.remat='some' is invalid; accepted: none, dots, full"),
+    (
+        "model.remat",
+        "some",
+        r"model\.remat='some' is invalid; accepted: none, dots, projections, full",
+    ),
     ("data.task", "chess", r"data\.task='chess' .* countdown, math, gsm8k"),
     ("data.template", "chat-ml", r"data\.template='chat-ml' .* compact, base, chat"),
     ("warmup.solution_format", "cot", r"warmup\.solution_format='cot' .* steps, answer"),

@@ -19,7 +19,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
-REMAT_POLICIES = ("none", "dots", "full")  # ModelConfig.remat
+REMAT_POLICIES = ("none", "dots", "projections", "full")  # ModelConfig.remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,11 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
-    # What the backward pass recomputes of each layer (REMAT_POLICIES): "dots" saves the
-    # matmul outputs and recomputes the rest (norms, RoPE, softmax, SwiGLU); "full" saves
-    # only the layer's input; "none" saves whatever autodiff keeps.
-    remat: str = "dots"
+    # What the backward pass recomputes of each layer (REMAT_POLICIES): "projections" saves
+    # the outputs of the weight matmuls and recomputes the rest (norms, RoPE, attention's
+    # two products and softmax, SwiGLU); "dots" also saves the attention scores and output;
+    # "full" saves only the layer's input; "none" saves whatever autodiff keeps.
+    remat: str = "projections"
     scan_layers: bool = True  # lax.scan over the layers (False: unrolled, compiles slower)
 
     def __post_init__(self):

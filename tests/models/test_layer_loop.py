@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from deltal_jax.models import get_preset, init_model
+from deltal_jax.models.config import REMAT_POLICIES
 from deltal_jax.models.transformer import attention_mask, positions_from_mask
 
 CFG = get_preset("tiny")
@@ -32,7 +33,15 @@ def _outputs(cfg):
 
 @pytest.mark.parametrize(
     "scan_layers, remat",
-    [(False, "none"), (True, "dots"), (False, "dots"), (True, "full"), (False, "full")],
+    [
+        (False, "none"),
+        (True, "dots"),
+        (False, "dots"),
+        (True, "projections"),
+        (False, "projections"),
+        (True, "full"),
+        (False, "full"),
+    ],
 )
 def test_layer_loop_variants_match_the_plain_scan(scan_layers, remat):
     logits, kv, grads = _outputs(CFG.replace(remat="none"))
@@ -55,10 +64,10 @@ def _saved_floats(cfg):
 
 def test_remat_policies_keep_less_and_less():
     weights = sum(a.size for a in jax.tree.leaves(nnx.state(init_model(CFG, seed=0))))
-    saved = {r: _saved_floats(CFG.replace(remat=r)) - weights for r in ("none", "dots", "full")}
-    assert saved["none"] > saved["dots"] > saved["full"] > 0
+    saved = {r: _saved_floats(CFG.replace(remat=r)) - weights for r in REMAT_POLICIES}
+    assert saved["none"] > saved["dots"] > saved["projections"] > saved["full"] > 0
 
 
 def test_unknown_remat_policy_is_rejected():
-    with pytest.raises(ValueError, match="remat='some'; accepted: none, dots, full"):
+    with pytest.raises(ValueError, match="remat='some'; accepted: none, dots, projections, full"):
         CFG.replace(remat="some")
