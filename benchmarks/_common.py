@@ -47,11 +47,13 @@ def interleaved_median_seconds(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def median_seconds_and_peak(fn: Callable[[], Any], *, repeats: int = 5) -> tuple[float, float]:
-    """(median wall time of fn(), median matmul peak in FLOP/s), with the peak measured just
-    before each timed call so that both see the same machine: on a shared host the rate
-    drifts by ±15% over minutes, and a peak taken once would misstate the MFU of a long run.
-    One untimed warm-up call first."""
+def seconds_and_peaks(
+    fn: Callable[[], Any], *, repeats: int = 5
+) -> tuple[list[float], list[float]]:
+    """(wall time of each of `repeats` calls of fn(), the matmul peak in FLOP/s measured just
+    before each), after one untimed warm-up call. On a shared host the rate drifts by ±15%
+    within minutes, so a rate is best set against the peak of its own round (the MFU of a
+    run is the median over rounds of work / (time · peak)), not against a peak taken once."""
     jax.block_until_ready(fn())
     times, peaks = [], []
     for _ in range(repeats):
@@ -59,7 +61,7 @@ def median_seconds_and_peak(fn: Callable[[], Any], *, repeats: int = 5) -> tuple
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times), statistics.median(peaks)
+    return times, peaks
 
 
 def compile_seconds(jitted, *args) -> tuple[Any, float]:

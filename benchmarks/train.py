@@ -2,8 +2,8 @@
 on 32 sequences of 160 tokens (32 prompt + 128 response), clipped-surrogate loss with
 `token-mean` and with `delta-l` aggregation, random advantages, old log-probs equal to the
 current ones. Figures: tokens/s and MFU = 6 · params · tokens/s / (float32 matmul peak
-measured in this process, just before each timed update), against the same update in HF
-transformers + torch.optim.AdamW.
+measured in this process just before each timed update; the median over rounds), against
+the same update in HF transformers + torch.optim.AdamW.
 
     python -m benchmarks.train                          # bench-small and bench-medium
     python -m benchmarks.train --models=bench-medium --no-hf
@@ -19,6 +19,7 @@ memory for several mesh shapes (the table in docs/memory.md):
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from benchmarks._common import (
     emit,
     hf_twin,
     median_seconds,
-    median_seconds_and_peak,
+    seconds_and_peaks,
 )
 from deltal_jax import aggregation, hostmem, policy_loss, sharding
 from deltal_jax.models import get_preset, init_model, response_logprobs
@@ -104,15 +105,15 @@ def _hf_seconds(model, batch, repeats: int) -> float | None:
 
 
 def _time_update(compiled, params, opt_state, data, repeats: int):
-    """(median seconds per update, median matmul peak, params, opt_state): the state is
-    threaded through the repeats because the update donates its input buffers."""
+    """(seconds of each timed update, the matmul peak before each, params, opt_state): the
+    state is threaded through the repeats because the update donates its input buffers."""
     state = [params, opt_state]
 
     def step():
         state[0], state[1], loss = compiled(state[0], state[1], data)
         return loss
 
-    return *median_seconds_and_peak(step, repeats=repeats), *state
+    return *seconds_and_peaks(step, repeats=repeats), *state
 
 
 def run(
@@ -152,13 +153,18 @@ def run(
     for mode in (aggregation.TOKEN_MEAN, aggregation.DELTA_L):
         update = make_update(graphdef, tx, mode=mode, max_response_len=response_len)
         compiled, compile_s = compile_seconds(update, params, opt_state, data)
-        seconds, peak, params, opt_state = _time_update(compiled, params, opt_state, data, repeats)
+        times, peaks, params, opt_state = _time_update(compiled, params, opt_state, data, repeats)
+        seconds = statistics.median(times)
+        flops = 6 * cfg.num_params() * tokens
         result[mode] = {
             "tokens_per_s": tokens / seconds,
             "seconds": seconds,
             "compile_s": compile_s,
-            "matmul_peak_gflops": peak / 1e9,
-            "mfu": 6 * cfg.num_params() * tokens / seconds / peak,
+            "matmul_peak_gflops": statistics.median(peaks) / 1e9,
+            # Each round's update against the peak measured just before it (seconds_and_peaks).
+            "mfu": statistics.median(flops / (t * p) for t, p in zip(times, peaks, strict=True)),
+            "round_seconds": times,
+            "round_peak_gflops": [p / 1e9 for p in peaks],
         }
     hf_seconds = _hf_seconds(nnx.merge(graphdef, params), data, repeats) if hf else None
     if hf_seconds is not None:
@@ -223,7 +229,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF reference")
     parser.add_argument(
         "--unroll-layers",
