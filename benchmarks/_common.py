@@ -50,18 +50,19 @@ def interleaved_median_seconds(
 def seconds_and_peaks(
     fn: Callable[[], Any], *, repeats: int = 5
 ) -> tuple[list[float], list[float]]:
-    """(wall time of each of `repeats` calls of fn(), the matmul peak in FLOP/s measured just
-    before each), after one untimed warm-up call. On a shared host the rate drifts by ±15%
-    within minutes, so a rate is best set against the peak of its own round (the MFU of a
-    run is the median over rounds of work / (time · peak)), not against a peak taken once."""
+    """(wall time of each of `repeats` calls of fn(), the matmul peak in FLOP/s around each:
+    the mean of the peaks measured just before and just after it), after one untimed
+    warm-up call. On a shared host the rate drifts by ±15% within minutes, so a rate is
+    best set against the peak of its own round, not against one taken once; bracketing
+    the call halves the weight of a transient that hits one short peak measurement."""
     jax.block_until_ready(fn())
-    times, peaks = [], []
+    times, peaks = [], [matmul_peak_flops(repeats=3)]
     for _ in range(repeats):
-        peaks.append(matmul_peak_flops(repeats=3))
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return times, peaks
+        peaks.append(matmul_peak_flops(repeats=3))
+    return times, [(a + b) / 2 for a, b in zip(peaks[:-1], peaks[1:], strict=True)]
 
 
 def compile_seconds(jitted, *args) -> tuple[Any, float]:

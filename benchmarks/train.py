@@ -2,8 +2,8 @@
 on 32 sequences of 160 tokens (32 prompt + 128 response), clipped-surrogate loss with
 `token-mean` and with `delta-l` aggregation, random advantages, old log-probs equal to the
 current ones. Figures: tokens/s and MFU = 6 · params · tokens/s / (float32 matmul peak
-measured in this process just before each timed update; the median over rounds), against
-the same update in HF transformers + torch.optim.AdamW.
+measured in this process around each timed update; the median over rounds), against the
+same update in HF transformers + torch.optim.AdamW.
 
     python -m benchmarks.train                          # bench-small and bench-medium
     python -m benchmarks.train --models=bench-medium --no-hf
@@ -161,8 +161,10 @@ def run(
             "seconds": seconds,
             "compile_s": compile_s,
             "matmul_peak_gflops": statistics.median(peaks) / 1e9,
-            # Each round's update against the peak measured just before it (seconds_and_peaks).
+            # Each round's update against the peak around it (seconds_and_peaks), and the
+            # median update against the median peak as a cross-check.
             "mfu": statistics.median(flops / (t * p) for t, p in zip(times, peaks, strict=True)),
+            "mfu_of_medians": flops / seconds / statistics.median(peaks),
             "round_seconds": times,
             "round_peak_gflops": [p / 1e9 for p in peaks],
         }
