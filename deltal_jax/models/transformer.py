@@ -164,17 +164,24 @@ def attention_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return causal & key_valid[:, None, :]
 
 
-def _mask_bias(mask: jax.Array, g: int) -> jax.Array:
-    """mask [B, T, S] bool → additive float32 bias [B, 1, T·G, S] (0 where visible, a large
-    negative number where not), each query row repeated for the G heads sharing a kv head.
+def mask_bias(mask: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
+    """mask [B, T, S] bool → additive float32 bias [B·C, T·G, S] for `Attention`'s scores
+    [B·K, T·G, S] (0 where visible, a large negative number where not), each query row
+    repeated for the G heads that share a kv head; C = K copies on the CPU backend, else 1.
 
     Added to the scores rather than selected with `where`: the same softmax (a fully masked
     row is uniform either way), but on XLA:CPU the broadcast select took 6× as long as the
-    score matmul (bench-medium shapes), the add a fraction of it.
+    score matmul (bench-medium shapes), the add a fraction of it. `Decoder.hidden_states`
+    builds the bias once per forward, outside the layer loop and its remat. XLA:CPU is slow
+    to broadcast it over the kv heads inside the attention fusion (the forward softmax took
+    34 ms per layer against 26 with the bias at full shape, bench-medium), so there it is
+    materialised K times; GPU and TPU fuse the broadcast, and keep one copy.
     """
     b, t, s = mask.shape
+    copies = num_kv_heads if jax.default_backend() == "cpu" else 1
     bias = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
-    return jnp.broadcast_to(bias[:, :, None, :], (b, t, g, s)).reshape(b, 1, t * g, s)
+    bias = jnp.broadcast_to(bias[:, None, :, None, :], (b, copies, t, group, s))
+    return bias.reshape(b * copies, t * group, s)
 
 
 def positions_from_mask(valid: jax.Array) -> jax.Array:
@@ -295,10 +302,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(dh, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x [B, T, D], mask [B, T, T] → out [B, T, D] and this chunk's keys (after RoPE) and
-        values k, v [B, T, K, Dh], which the sampler's prefill puts in its cache."""
+        """x [B, T, D], bias [B·K or B, T·G, T] (`mask_bias`) → out [B, T, D] and this chunk's
+        keys (after RoPE) and values k, v [B, T, K, Dh], which the sampler's prefill puts
+        in its cache."""
         cfg = self.cfg
         b, t, _ = x.shape
         kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -318,7 +326,7 @@ class Attention(nnx.Module):
         keys = k.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b * kh, t, dh)
         values = v.astype(cfg.dtype).transpose(0, 2, 1, 3).reshape(b * kh, t, dh)
         scores = jnp.einsum("nqd,nsd->nqs", q, keys, preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kh, t * g, t) * dh**-0.5 + _mask_bias(mask, g)
+        scores = scores.reshape(bias.shape[0], -1, t * g, t) * dh**-0.5 + bias[:, None]
         out = softmax_attend(scores.reshape(b * kh, t * g, t), values)
         out = out.reshape(b, kh, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b * t, -1)
         out = self.o_proj(out).reshape(b, t, -1)
@@ -397,8 +405,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        h, kv = self.attn(self.input_norm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, bias):
+        h, kv = self.attn(self.input_norm(x), cos, sin, bias)
         x = x + h
         x = x + self.mlp(self.post_attn_norm(x))
         return sharding.constrain(x, ("batch", None, "embed")), kv
@@ -523,10 +531,12 @@ class Decoder(nnx.Module):
         return_kv, every layer's keys (after RoPE) and values k, v [L, B, T, K, Dh]."""
         x = sharding.constrain(self.embed(tokens), ("batch", None, "embed"))
         cos, sin = rope_tables(self.cfg, positions)
+        cfg = self.cfg
+        bias = mask_bias(mask, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer(x, state):
-            x, kv = nnx.merge(graphdef, state)(x, cos, sin, mask)
+            x, kv = nnx.merge(graphdef, state)(x, cos, sin, bias)
             return x, (kv if return_kv else None)
 
         if self.cfg.remat != "none":

@@ -1,12 +1,20 @@
 """`softmax_attend`'s hand-written gradient equals autodiff of softmax(scores) @ values,
-including masked keys and fully masked rows, in float32 and with bfloat16 values."""
+including masked keys and fully masked rows, in float32 and with bfloat16 values; the mask
+bias has the scores' layout, and both of its layouts (CPU, GPU/TPU) give the same model."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from deltal_jax.models.transformer import _MASK_VALUE, softmax_attend
+from deltal_jax.models import get_preset, init_model
+from deltal_jax.models.transformer import (
+    _MASK_VALUE,
+    attention_mask,
+    mask_bias,
+    softmax_attend,
+)
 
 
 def _reference(scores, values):
@@ -54,3 +62,45 @@ def test_primal_equals_the_differentiated_forward():
     primal = jax.jit(softmax_attend)(scores, values)
     under_grad = jax.jit(lambda s, v: jax.vjp(softmax_attend, s, v)[0])(scores, values)
     np.testing.assert_array_equal(primal, under_grad)
+
+
+@pytest.mark.parametrize("backend, copies", [("cpu", 2), ("gpu", 1), ("tpu", 1)])
+def test_mask_bias_repeats_each_query_row_for_its_heads(monkeypatch, backend, copies):
+    """Row (b·C + c, t·G + g) of the bias is query t's row of mask[b], for every head."""
+    b, t, s, k, g = 2, 5, 7, 2, 3
+    mask = np.random.default_rng(1).random((b, t, s)) < 0.6
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    bias = np.asarray(mask_bias(jnp.asarray(mask), k, g))
+    assert bias.shape == (b * copies, t * g, s) and bias.dtype == np.float32
+    want = np.where(mask, 0.0, _MASK_VALUE).astype(np.float32)
+    for row in range(b * copies):
+        for q in range(t * g):
+            np.testing.assert_array_equal(bias[row, q], want[row // copies, q // g])
+
+
+def test_one_bias_copy_gives_the_same_model_as_one_per_kv_head(monkeypatch):
+    """The GPU/TPU layout (one copy, broadcast over the kv heads) and the CPU one (K copies):
+    equal logits and gradients, with left padding so that the mask matters. (Posing as a
+    GPU also switches the linear layers to plain `lax.dot_general`, the same arithmetic.)"""
+    cfg = get_preset("tiny")
+    model = init_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)))
+    valid = jnp.asarray([[1] * 9, [0, 0, 0] + [1] * 6], bool)
+    graphdef, state = nnx.split(model)
+    mask = attention_mask(jnp.arange(9), valid)
+
+    def logits_and_grad():
+        def loss(state):
+            logits = nnx.merge(graphdef, state)(tokens, valid)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * valid), logits
+
+        return jax.value_and_grad(loss, has_aux=True)(state)
+
+    assert mask_bias(mask, cfg.num_kv_heads, 2).shape[0] == 2 * cfg.num_kv_heads
+    per_head = logits_and_grad()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert mask_bias(mask, cfg.num_kv_heads, 2).shape[0] == 2
+    one_copy = logits_and_grad()
+    for got, want in zip(jax.tree.leaves(one_copy), jax.tree.leaves(per_head), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
