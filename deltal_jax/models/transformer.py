@@ -164,21 +164,17 @@ def attention_mask(query_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return causal & key_valid[:, None, :]
 
 
-def mask_bias(mask: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
+def mask_bias(mask: jax.Array, copies: int, group: int) -> jax.Array:
     """mask [B, T, S] bool → additive float32 bias [B·C, T·G, S] for `Attention`'s scores
     [B·K, T·G, S] (0 where visible, a large negative number where not), each query row
-    repeated for the G heads that share a kv head; C = K copies on the CPU backend, else 1.
+    repeated for the G heads that share a kv head, in C = K copies (one per kv head) or 1
+    (broadcast over them). `Decoder.hidden_states` says which, and where it is built.
 
     Added to the scores rather than selected with `where`: the same softmax (a fully masked
     row is uniform either way), but on XLA:CPU the broadcast select took 6× as long as the
-    score matmul (bench-medium shapes), the add a fraction of it. `Decoder.hidden_states`
-    builds the bias once per forward, outside the layer loop and its remat. XLA:CPU is slow
-    to broadcast it over the kv heads inside the attention fusion (the forward softmax took
-    34 ms per layer against 26 with the bias at full shape, bench-medium), so there it is
-    materialised K times; GPU and TPU fuse the broadcast, and keep one copy.
+    score matmul (bench-medium shapes), the add a fraction of it.
     """
     b, t, s = mask.shape
-    copies = num_kv_heads if jax.default_backend() == "cpu" else 1
     bias = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
     bias = jnp.broadcast_to(bias[:, None, :, None, :], (b, copies, t, group, s))
     return bias.reshape(b * copies, t * group, s)
@@ -531,12 +527,23 @@ class Decoder(nnx.Module):
         return_kv, every layer's keys (after RoPE) and values k, v [L, B, T, K, Dh]."""
         x = sharding.constrain(self.embed(tokens), ("batch", None, "embed"))
         cos, sin = rope_tables(self.cfg, positions)
-        cfg = self.cfg
-        bias = mask_bias(mask, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
         graphdef, layer_state = nnx.split(self.layers)
+        # The attention mask bias (`mask_bias`). XLA:CPU is slow to broadcast it over the kv
+        # heads inside the attention fusion (the forward softmax took 34 ms per layer against
+        # 26 with the bias at full shape, bench-medium), so there it is built at full shape,
+        # once, outside the layer loop and its remat: the update 3-6% faster, the forward
+        # 7-14% (interleaved A/Bs, bench-medium and bench-small), for one more score-sized
+        # array alive through the step. Elsewhere each layer builds one copy, which the
+        # compiler fuses into the scores' add and remat recomputes rather than keeps.
+        k, g = self.cfg.num_kv_heads, self.cfg.num_heads // self.cfg.num_kv_heads
+        if jax.default_backend() == "cpu":
+            full = mask_bias(mask, k, g)
+            bias = lambda: full
+        else:
+            bias = lambda: mask_bias(mask, 1, g)
 
         def layer(x, state):
-            x, kv = nnx.merge(graphdef, state)(x, cos, sin, bias)
+            x, kv = nnx.merge(graphdef, state)(x, cos, sin, bias())
             return x, (kv if return_kv else None)
 
         if self.cfg.remat != "none":
