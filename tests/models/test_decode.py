@@ -152,3 +152,46 @@ def test_decode_step_past_its_rope_table_gives_nan_not_a_wrong_position():
     logits = np.asarray(logits)
     assert np.isnan(logits[1]).all()
     assert np.isfinite(logits[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_decode_layer_weights_join_each_kv_heads_projections(family):
+    """The joined kernels hold, per kv head k, its G query heads, its key and its value
+    projection ([out, in]), and the gate above the up projection: the layout the decode
+    step slices (a wrong order would still pass a test whose heads were all alike)."""
+    cfg = CONFIGS[family]
+    model = init_model(cfg, seed=4)
+    kh, g, dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    state = nnx.to_pure_dict(nnx.state(model.layers))
+    a, m = state["attn"], state["mlp"]
+    w = model.decode_weights(1).layers[1]
+    qkv = np.asarray(w["attn"]["qkv"]["kernel"])
+    assert qkv.shape == (kh, (g + 2) * dh, cfg.hidden_size)
+    for k in range(kh):
+        for j in range(g):
+            head = k * g + j
+            np.testing.assert_array_equal(
+                qkv[k, j * dh : (j + 1) * dh],
+                a["q_proj"]["kernel"][1][:, head * dh : (head + 1) * dh].T,
+            )
+        np.testing.assert_array_equal(
+            qkv[k, g * dh : (g + 1) * dh], a["k_proj"]["kernel"][1][:, k * dh : (k + 1) * dh].T
+        )
+        np.testing.assert_array_equal(
+            qkv[k, (g + 1) * dh :], a["v_proj"]["kernel"][1][:, k * dh : (k + 1) * dh].T
+        )
+    if cfg.qkv_bias:
+        bias = np.asarray(w["attn"]["qkv"]["bias"])
+        np.testing.assert_array_equal(bias[:, : g * dh].ravel(), a["q_proj"]["bias"][1])
+        np.testing.assert_array_equal(
+            bias[:, g * dh : (g + 1) * dh].ravel(), a["k_proj"]["bias"][1]
+        )
+        np.testing.assert_array_equal(bias[:, (g + 1) * dh :].ravel(), a["v_proj"]["bias"][1])
+    else:
+        assert "bias" not in w["attn"]["qkv"]
+    assert ("q_norm" in w["attn"]) == cfg.qk_norm
+    np.testing.assert_array_equal(w["attn"]["o_proj"]["kernel"], a["o_proj"]["kernel"][1].T)
+    gate_up = np.asarray(w["mlp"]["gate_up"]["kernel"])
+    np.testing.assert_array_equal(gate_up[0], m["gate_proj"]["kernel"][1].T)
+    np.testing.assert_array_equal(gate_up[1], m["up_proj"]["kernel"][1].T)
+    np.testing.assert_array_equal(w["mlp"]["down_proj"]["kernel"], m["down_proj"]["kernel"][1].T)
