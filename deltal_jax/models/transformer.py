@@ -417,7 +417,7 @@ def _project(w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
 
 def decode_layer_weights(cfg: ModelConfig, layer: dict) -> dict:
     """One layer's parameters (`nnx.to_pure_dict` of a `DecoderLayer`, [in, out] kernels)
-    in the layout `decode_layer` reads, cast to the compute dtype:
+    in the layout `decode_layer` reads, the kernels cast to the compute dtype:
 
     - attn/qkv: kernel [K, (G+2)·Dh, D] and, with qkv bias, bias [K, (G+2)·Dh]: for each kv
       head k its G query heads k·G..k·G+G-1, then its key, then its value projection;
