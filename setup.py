@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 # The notebooks under notebooks/ are executed by the test suite (nbclient, ipykernel).
 TEST = [
     "pytest>=8",
+    "pytest-xdist>=3.8",  # -n 2 in .ci/run; 3.8 has --no-loadscope-reorder
     "hypothesis>=6.100",
     "ruff>=0.6",
     "nbclient>=0.10",

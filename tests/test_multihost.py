@@ -102,15 +102,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(devices: int, cache_dir) -> dict[str, str]:
+def child_env(devices: int) -> dict[str, str]:
+    """The test environment with `devices` CPU devices. It keeps the session's compilation
+    cache (conftest.py): the single-process runs compile the same programs, and the second
+    one reads them back."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                    os.environ.get("XLA_FLAGS", ""))  # fmt: skip
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
-        # The single-process runs compile the same programs: the second one reuses them.
-        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
     }
 
 
@@ -138,7 +139,7 @@ def launch(workdir, *, processes: int, total_steps: int, policy_dir: str = ""):
                 *flags,
                 *([f"--process_id={i}"] if processes > 1 else []),
             ],
-            env=child_env(8 // processes, workdir.parent / "jax_cache"),
+            env=child_env(8 // processes),
             cwd=REPO,
             text=True,
             stdout=subprocess.PIPE,
